@@ -1,0 +1,222 @@
+"""`anomaly-monitor demo`: the whole loop on loopback, with an anomaly injected on purpose.
+
+Prometheus scrapes node-exporter and the service every second; the service learns for a couple
+of minutes, then a workload misbehaves and the score is read back from Prometheus.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from monitor.config import parse_config
+from monitor.localstack import LocalStack, MissingBinary, free_port, scrape_job
+
+logger = logging.getLogger(__name__)
+
+DEMO_SIGNALS = {
+    "cpu": '1 - avg by (instance) (rate(node_cpu_seconds_total{mode="idle"}[3s]))',
+    "memory": "1 - node_memory_MemAvailable_bytes / node_memory_MemTotal_bytes",
+    "network_receive": "sum by (instance) (rate(node_network_receive_bytes_total[3s]))",
+    "network_transmit": "sum by (instance) (rate(node_network_transmit_bytes_total[3s]))",
+    "context_switches": "sum by (instance) (rate(node_context_switches_total[3s]))",
+}
+
+
+def demo_config(prometheus: str, port: int, storage: Path, learn: float) -> dict:
+    return {
+        "prometheus": {"url": prometheus, "timeout": "5s", "retries": 1},
+        "listen": f"127.0.0.1:{port}",
+        "storage": {"path": str(storage)},
+        "detectors": [{
+            "name": "node",
+            "entity_labels": ["instance"],
+            "step": "1s",
+            "window": 10,
+            "signals": DEMO_SIGNALS,
+            "model": {"hidden_size": 16, "latent_size": 8},
+            "train": {"range": f"{int(learn)}s", "every": "1h", "min_windows": 20, "epochs": 40, "patience": 5},
+            "score": {"every": "1s", "aggregate_steps": 5, "lag": "2s"},
+            "threshold": {"method": "quantile", "false_alarm_rate": 0.01},
+        }],
+    }
+
+
+# ---- the workload ------------------------------------------------------------
+
+def _spin(stop: multiprocessing.Event) -> None:
+    while not stop.is_set():
+        pass
+
+
+def _grow_memory(stop: multiprocessing.Event, megabytes_per_second: int = 80) -> None:
+    held = []
+    while not stop.is_set():
+        held.append(bytearray(megabytes_per_second * 1024 * 1024))
+        time.sleep(1)
+
+
+def _drain(receiver: socket.socket, stop: multiprocessing.Event) -> None:
+    while not stop.is_set():
+        if not receiver.recv(1 << 20):
+            return
+
+
+def _flood_loopback(stop: multiprocessing.Event) -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        sender = socket.create_connection(server.getsockname())
+        receiver, _ = server.accept()
+        threading.Thread(target=_drain, args=(receiver, stop), daemon=True).start()
+        chunk = b"x" * (1 << 20)
+        while not stop.is_set():
+            sender.sendall(chunk)
+        sender.close()
+        receiver.close()
+
+
+ANOMALIES = {"cpu": (_spin, 2), "memory": (_grow_memory, 1), "network": (_flood_loopback, 1)}
+
+
+class Anomaly:
+    """Child processes that misbehave until stopped."""
+
+    def __init__(self, kind: str):
+        target, workers = ANOMALIES[kind]
+        self.stop_event = multiprocessing.Event()
+        self.processes = [multiprocessing.Process(target=target, args=(self.stop_event,), daemon=True)
+                          for _ in range(workers)]
+
+    def start(self) -> None:
+        for process in self.processes:
+            process.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for process in self.processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+
+
+# ---- reading the outcome back from Prometheus ----------------------------------
+
+def read_margin(prometheus: str, instance: str) -> tuple[float, float] | None:
+    selector = f'{{detector="node",instance="{instance}"}}'
+    try:
+        score = requests.get(f"{prometheus}/api/v1/query", params={"query": f"anomaly_score{selector}"}, timeout=5).json()
+        threshold = requests.get(f"{prometheus}/api/v1/query", params={"query": f"anomaly_threshold{selector}"}, timeout=5).json()
+        return float(score["data"]["result"][0]["value"][1]), float(threshold["data"]["result"][0]["value"][1])
+    except (requests.RequestException, KeyError, IndexError, ValueError):
+        return None
+
+
+def _report(phase: str, reading: tuple[float, float] | None) -> bool | None:
+    """Print one reading; return whether the score is above the threshold, or None without one."""
+    if reading is None:
+        print(f"  {phase:<10} no score in Prometheus yet")
+        return None
+    score, threshold = reading
+    above = score > threshold
+    print(f"  {phase:<10} score {score:12.2f}   threshold {threshold:10.2f}   {'ANOMALY' if above else 'normal'}")
+    return above
+
+
+def _watch(prometheus: str, instance: str, phase: str, seconds: float, until=None) -> bool:
+    deadline = time.monotonic() + seconds
+    seen = False
+    while time.monotonic() < deadline:
+        above = _report(phase, read_margin(prometheus, instance))
+        seen = seen or bool(above)
+        if until is not None and above is not None and until(above):
+            return True
+        time.sleep(2)
+    return seen
+
+
+# ---- the demo ------------------------------------------------------------------
+
+def run_demo(args) -> int:
+    # The demo narrates as it goes; line buffering keeps that true when output goes to a file.
+    sys.stdout.reconfigure(line_buffering=True)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="anomaly-monitor-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    stack = LocalStack(workdir)
+    try:
+        return _run(args, workdir, stack)
+    except MissingBinary as error:
+        logger.error("%s", error)
+        return 1
+    finally:
+        stack.stop()
+
+
+def _run(args, workdir: Path, stack: LocalStack) -> int:
+    from monitor.service import Service
+
+    node = stack.start_node_exporter()
+    port = free_port()
+    prometheus = stack.start_prometheus(
+        [scrape_job("node", [node]), scrape_job("anomaly-monitor", [f"127.0.0.1:{port}"], honor_labels=True)],
+        interval="1s")
+    config = parse_config(demo_config(prometheus, port, workdir / "storage", args.learn))
+    service = Service(config)
+    service.start()
+    _print_urls(prometheus, port, node, workdir)
+    try:
+        return _scenario(args, service, prometheus, node)
+    finally:
+        service.stop()
+
+
+def _print_urls(prometheus: str, port: int, node: str, workdir: Path) -> None:
+    print(f"Prometheus:     {prometheus}/graph   (try: anomaly_score, anomaly_threshold, anomaly_signal_contribution)")
+    print(f"Service:        http://127.0.0.1:{port}/metrics")
+    print(f"node-exporter:  http://{node}/metrics")
+    print(f"Logs and data:  {workdir}")
+
+
+def _scenario(args, service, prometheus: str, node: str) -> int:
+    print(f"\nLearning normal behaviour for {args.learn:.0f}s ...")
+    time.sleep(args.learn)
+    outcome = service.detectors[0].train()
+    if outcome is None or not outcome.accepted:
+        print(f"training was not accepted: {outcome.reason if outcome else 'busy'}")
+        return 1
+    print(f"Model trained on {outcome.windows_used} windows; threshold {outcome.bundle.threshold.value:.2f}\n")
+
+    print("Waiting for a normal baseline:")
+    _watch(prometheus, node, "baseline", 60, until=lambda above: not above)
+
+    print(f"\nInjecting a {args.anomaly} anomaly for {args.anomaly_duration:.0f}s:")
+    anomaly = Anomaly(args.anomaly)
+    anomaly.start()
+    try:
+        detected = _watch(prometheus, node, "anomaly", args.anomaly_duration)
+    finally:
+        anomaly.stop()
+
+    print("\nAnomaly stopped; waiting for the score to fall back:")
+    recovered = _watch(prometheus, node, "recovery", 120, until=lambda above: not above)
+    print(f"\nDetected: {'yes' if detected else 'NO'}; recovered: {'yes' if recovered else 'NO'}")
+    if args.keep_running:
+        print("Still running; press Ctrl-C to stop.")
+        _wait_forever()
+    return 0 if detected and recovered else 1
+
+
+def _wait_forever() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass

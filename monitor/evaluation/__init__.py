@@ -1,0 +1,1 @@
+"""Offline evaluation of detection quality on labelled data sets."""

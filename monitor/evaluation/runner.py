@@ -1,0 +1,183 @@
+"""Run the protocols over data sets and units, collect metrics, and write the results folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from monitor import __version__
+from monitor.config import DetectorConfig
+from monitor.evaluation import report
+from monitor.evaluation.datasets import Unit, list_units, load_unit
+from monitor.evaluation.methods import is_seeded
+from monitor.evaluation.metrics import evaluate_scores
+from monitor.evaluation.protocols import Track, run_deployed, run_static
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = {"static": run_static, "deployed": run_deployed}
+
+
+@dataclass
+class Plan:
+    """What one evaluation run covers; written to the results folder as it is."""
+
+    data_dir: Path
+    out: Path
+    datasets: list[str]
+    units: list[str]
+    max_units: int | None
+    protocols: list[str]
+    methods: list[str]
+    seeds: list[int]
+    deployed_seeds: int
+    overrides: dict = field(default_factory=dict)
+
+
+def build_detector(unit: Unit, overrides: dict) -> DetectorConfig:
+    """The service's default detector for a unit's signals and step, with the run's overrides."""
+    # The service scores once per step here, as the replay does.
+    raw: dict = {"name": unit.dataset, "entity_labels": ["instance"], "step": unit.step,
+                 "signals": {name: name for name in unit.signals}, "score": {"every": unit.step}}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, _, key = dotted.rpartition(".")
+        target = raw.setdefault(section, {}) if section else raw
+        target[key] = value
+    return DetectorConfig.model_validate(raw)
+
+
+def selected_units(plan: Plan, dataset: str) -> list[str]:
+    names = list_units(plan.data_dir, dataset)
+    if plan.units:
+        chosen = [n for n in names if n in plan.units]
+    else:
+        chosen = names
+    return chosen[: plan.max_units] if plan.max_units else chosen
+
+
+def entity_records(unit: Unit, tracks: dict[str, Track], protocol: str, seed: int) -> list[dict]:
+    """One record per entity and method; entities of a multi-entity unit are scored separately."""
+    records = []
+    for row, entity in enumerate(unit.frame.entities):
+        name = unit.name if len(unit.frame.entities) == 1 else f"{unit.name}/{'/'.join(entity)}"
+        labels = unit.labels[row]
+        for method, track in tracks.items():
+            scores = track.scores[row]
+            record = {"protocol": protocol, "dataset": unit.dataset, "unit": name, "method": method,
+                      "seed": seed, "fits": track.fits}
+            record.update(evaluate_scores(labels, scores, track.thresholds, unit.step))
+            scored = np.isfinite(scores) & (labels == 0)
+            for key, thresholds in track.alternatives.items():
+                record[f"alarms@{key}"] = float(np.sum(scores[scored] > thresholds[scored]))
+            records.append(record)
+    return records
+
+
+class _OncePerMessage(logging.Filter):
+    """Let each distinct log message template through once; refits repeat the same warnings."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR or record.msg in self.seen:
+            return record.levelno >= logging.ERROR
+        self.seen.add(record.msg)
+        return True
+
+
+def run(plan: Plan) -> int:
+    for noisy in ("monitor.scoring", "monitor.training", "monitor.evaluation.methods"):
+        logging.getLogger(noisy).addFilter(_OncePerMessage())
+    plan.out.mkdir(parents=True, exist_ok=True)
+    (plan.out / "pictures").mkdir(exist_ok=True)
+    detectors: dict[str, dict] = {}
+    records: list[dict] = []
+    began = time.monotonic()
+    for dataset in plan.datasets:
+        names = selected_units(plan, dataset)
+        logger.info("%s: %d units: %s", dataset, len(names), ", ".join(names))
+        for index, name in enumerate(names, 1):
+            unit = load_unit(plan.data_dir, dataset, name)
+            detector = build_detector(unit, plan.overrides)
+            detectors[dataset] = detector.model_dump(mode="json")
+            logger.info("%s %d/%d %s: %d entities, %d training and %d test steps, %.2f%% labelled%s",
+                        dataset, index, len(names), name, len(unit.frame.entities), unit.test_start,
+                        unit.test_steps, 100 * unit.labels.mean(), f"; {unit.note}" if unit.note else "")
+            records += _run_unit(plan, unit, detector)
+            _write(plan, records, detectors)
+    logger.info("evaluation finished in %.0fs; results in %s", time.monotonic() - began, plan.out)
+    return 0
+
+
+def _run_unit(plan: Plan, unit: Unit, detector: DetectorConfig) -> list[dict]:
+    records = []
+    for protocol in plan.protocols:
+        seeds = plan.seeds if protocol == "static" else plan.seeds[: plan.deployed_seeds]
+        for position, seed in enumerate(seeds):
+            methods = plan.methods if position == 0 else [m for m in plan.methods if is_seeded(m)]
+            began = time.monotonic()
+            tracks = PROTOCOLS[protocol](unit, detector, methods, seed)
+            records += entity_records(unit, tracks, protocol, seed)
+            logger.info("  %s seed %d: %d methods in %.0fs; product best-F1 %s", protocol, seed, len(methods),
+                        time.monotonic() - began, _product_best_f1(records, unit, protocol, seed))
+            if position == 0 and "product" in tracks:
+                _picture(plan, unit, protocol, tracks["product"])
+    return records
+
+
+def _product_best_f1(records: list[dict], unit: Unit, protocol: str, seed: int) -> str:
+    values = [r["best_f1"] for r in records if r["method"] == "product" and r["seed"] == seed
+              and r["protocol"] == protocol and r["dataset"] == unit.dataset and r["unit"].startswith(unit.name)]
+    finite = [v for v in values if np.isfinite(v)]
+    return f"{np.mean(finite):.3f}" if finite else "n/a"
+
+
+def _picture(plan: Plan, unit: Unit, protocol: str, track: Track) -> None:
+    path = plan.out / "pictures" / f"{unit.dataset}-{unit.name}-{protocol}.png"
+    entities = ["/".join(e) for e in unit.frame.entities]
+    title = f"{unit.dataset} {unit.name}, {protocol} protocol: product score and threshold"
+    report.plot_unit(path, title, entities, track.scores, track.thresholds, unit.labels, unit.step)
+
+
+def _write(plan: Plan, records: list[dict], detectors: dict) -> None:
+    """Rewrite every table after each unit, so an interrupted run still leaves results."""
+    summary = report.summarise(records)
+    target = next(iter(detectors.values()))["threshold"]["false_alarm_rate"] if detectors else 0.001
+    thresholds = report.threshold_rows(records, target)
+    report.write_records(plan.out / "per_unit.csv", records)
+    (plan.out / "per_unit.md").write_text(report.records_markdown(records), encoding="utf-8")
+    report.write_csv(plan.out / "summary.csv", summary)
+    (plan.out / "summary.md").write_text(report.summary_markdown(summary), encoding="utf-8")
+    report.write_csv(plan.out / "thresholds.csv", thresholds)
+    (plan.out / "thresholds.md").write_text(report.thresholds_markdown(thresholds), encoding="utf-8")
+    (plan.out / "config.json").write_text(json.dumps(_run_description(plan, detectors), indent=2), encoding="utf-8")
+
+
+def _run_description(plan: Plan, detectors: dict) -> dict:
+    import sklearn
+    import torch
+
+    return {
+        "version": __version__,
+        "datasets": plan.datasets,
+        "units": {d: selected_units(plan, d) for d in plan.datasets},
+        "protocols": plan.protocols,
+        "methods": plan.methods,
+        "seeds": {"static": plan.seeds, "deployed": plan.seeds[: plan.deployed_seeds]},
+        "overrides": plan.overrides,
+        "detectors": detectors,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "libraries": {"numpy": np.__version__, "torch": torch.__version__, "scikit-learn": sklearn.__version__},
+    }

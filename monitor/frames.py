@@ -1,0 +1,156 @@
+"""Turn per-signal series into per-entity arrays on one time grid."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from monitor.config import DetectorConfig
+from monitor.source import PrometheusSource, Series
+
+logger = logging.getLogger(__name__)
+
+EntityKey = tuple[str, ...]
+
+
+@dataclass
+class Frame:
+    """Values of one detector on the grid `start + k * step`.
+
+    `values` has shape [entity, time, signal]; a cell that Prometheus did not return, or returned
+    as NaN or ±Inf, is NaN, never zero.
+    """
+
+    start: float
+    step: float
+    entities: list[EntityKey]
+    values: np.ndarray
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def timestamps(self) -> np.ndarray:
+        return self.start + self.step * np.arange(self.values.shape[1])
+
+    @property
+    def end(self) -> float:
+        return self.start + self.step * (self.values.shape[1] - 1)
+
+    def entity_index(self) -> dict[EntityKey, int]:
+        return {key: i for i, key in enumerate(self.entities)}
+
+
+def grid_floor(moment: float, step: float) -> float:
+    """Return the last grid point at or before `moment`; grid points are multiples of `step`."""
+    return np.floor(moment / step + 1e-9) * step
+
+
+def align(series: Series, start: float, step: float, length: int) -> np.ndarray:
+    """Place samples onto the grid; missing steps and non-finite values become NaN."""
+    out = np.full(length, np.nan)
+    if series.timestamps.size == 0:
+        return out
+    position = (series.timestamps - start) / step
+    index = np.rint(position).astype(np.int64)
+    # A sample counts for a grid point only if it lies on it (to a millisecond's rounding).
+    on_grid = (index >= 0) & (index < length) & (np.abs(position - index) * step < 1e-3 + 1e-6 * step)
+    values = series.values[on_grid]
+    out[index[on_grid]] = np.where(np.isfinite(values), values, np.nan)
+    return out
+
+
+def entity_key(labels: dict[str, str], entity_labels: list[str]) -> EntityKey | None:
+    try:
+        return tuple(labels[name] for name in entity_labels)
+    except KeyError:
+        return None
+
+
+def build_frame(
+    per_signal: dict[str, list[Series]],
+    detector: DetectorConfig,
+    start: float,
+    length: int,
+    keep: set[EntityKey] | None = None,
+) -> Frame:
+    """Merge the series of every signal into one frame; entities outside `keep` are left out."""
+    signals = list(detector.signals)
+    columns: dict[EntityKey, dict[int, np.ndarray]] = {}
+    dropped: dict[str, int] = {}
+
+    for column, name in enumerate(signals):
+        for series in per_signal.get(name, []):
+            key = entity_key(series.labels, detector.entity_labels)
+            if key is None:
+                dropped["missing_labels"] = dropped.get("missing_labels", 0) + 1
+                continue
+            if keep is not None and key not in keep:
+                continue
+            if column in columns.setdefault(key, {}):
+                dropped["duplicate_series"] = dropped.get("duplicate_series", 0) + 1
+                continue
+            columns[key][column] = align(series, start, detector.step, length)
+
+    _log_dropped(detector, dropped)
+    entities = sorted(columns)
+    values = np.full((len(entities), length, len(signals)), np.nan)
+    for row, key in enumerate(entities):
+        for column, aligned in columns[key].items():
+            values[row, :, column] = aligned
+    return Frame(start, detector.step, entities, values, dropped)
+
+
+def _log_dropped(detector: DetectorConfig, dropped: dict[str, int]) -> None:
+    if dropped.get("missing_labels"):
+        logger.warning(
+            "detector %s: %d series lack the entity labels %s and were ignored; "
+            "keep those labels in every signal's query (sum by (%s) (...))",
+            detector.name, dropped["missing_labels"], detector.entity_labels, ", ".join(detector.entity_labels))
+    if dropped.get("duplicate_series"):
+        logger.warning(
+            "detector %s: %d extra series for an entity and signal were ignored; "
+            "aggregate each signal to one series per entity with sum by (%s) (...)",
+            detector.name, dropped["duplicate_series"], ", ".join(detector.entity_labels))
+
+
+def fetch_frame(
+    source: PrometheusSource,
+    detector: DetectorConfig,
+    start: float,
+    end: float,
+    keep: set[EntityKey] | None = None,
+    series_hint: int = 1,
+) -> Frame:
+    """Read every signal of a detector over the grid points in [start, end]."""
+    start = grid_floor(start, detector.step)
+    end = grid_floor(end, detector.step)
+    length = int(round((end - start) / detector.step)) + 1
+    per_signal = {
+        name: source.query_range(query, start, end, detector.step, series_hint=series_hint)
+        for name, query in detector.signals.items()
+    }
+    return build_frame(per_signal, detector, start, length, keep)
+
+
+def fill_short_gaps(values: np.ndarray, max_steps: int) -> np.ndarray:
+    """Carry the last observation forward over gaps of at most `max_steps` missing steps.
+
+    Works along axis -2 (time) of an array [..., time, signal]. Longer gaps, and gaps before the
+    first observation, stay NaN. A gap still open at the end counts the steps missing so far.
+    """
+    if max_steps <= 0 or values.size == 0:
+        return values
+    length = values.shape[-2]
+    observed = ~np.isnan(values)
+    steps = np.arange(length).reshape((length, 1))
+
+    last_seen = np.where(observed, steps, -1)
+    last_seen = np.maximum.accumulate(last_seen, axis=-2)
+    next_seen = np.where(observed, steps, length)
+    next_seen = np.flip(np.minimum.accumulate(np.flip(next_seen, axis=-2), axis=-2), axis=-2)
+
+    gap_length = next_seen - last_seen - 1
+    fill = ~observed & (last_seen >= 0) & (gap_length <= max_steps)
+    source = np.take_along_axis(values, np.clip(last_seen, 0, None), axis=-2)
+    return np.where(fill, source, values)

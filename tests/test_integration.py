@@ -1,0 +1,137 @@
+"""End to end on real components: node-exporter -> Prometheus -> service -> Prometheus.
+
+The tests share one stack and one trained model, and run in file order: the burn, then a
+restart, then a Prometheus outage.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _spin(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+
+
+def burn_cpu(seconds: float, workers: int = 2) -> list[multiprocessing.Process]:
+    processes = [multiprocessing.Process(target=_spin, args=(seconds,)) for _ in range(workers)]
+    for process in processes:
+        process.start()
+    return processes
+
+
+def margin(stack, instance: str) -> float | None:
+    """Score minus threshold for the entity, as Prometheus scraped them; None if absent."""
+    selector = f'{{detector="node",instance="{instance}"}}'
+    result = stack.query(f"anomaly_score{selector} - anomaly_threshold{selector}")
+    return float(result[0]["value"][1]) if result else None
+
+
+def wait_for(condition, timeout: float, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
+
+
+class MarginLog:
+    """Poll score minus threshold and keep every value, so a failure shows the trace."""
+
+    def __init__(self, stack, instance: str):
+        self.stack = stack
+        self.instance = instance
+        self.values: list[float | None] = []
+
+    def read(self) -> float | None:
+        value = margin(self.stack, self.instance)
+        self.values.append(None if value is None else round(value, 2))
+        return value
+
+    def below(self) -> bool:
+        value = self.read()
+        return value is not None and value < 0
+
+    def above(self) -> bool:
+        value = self.read()
+        return value is not None and value > 0
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{key}="{value}"' in line for key, value in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_cpu_burn_crosses_threshold_and_recovers(node_stack, node_service):
+    log = MarginLog(node_stack, node_stack.node_target)
+    assert wait_for(log.below, timeout=90), f"the score never settled below its threshold: {log.values}"
+
+    workers = burn_cpu(30)
+    peak = wait_for(log.above, timeout=40)
+    for worker in workers:
+        worker.join()
+    assert peak, f"anomaly_score never exceeded anomaly_threshold in Prometheus during the burn: {log.values}"
+
+    recovered = wait_for(log.below, timeout=120)
+    assert recovered, f"anomaly_score did not return below anomaly_threshold after the burn: {log.values}"
+
+
+def test_cpu_burn_names_cpu_signal(node_stack, node_service):
+    workers = burn_cpu(20)
+    top = wait_for(lambda: node_stack.query(
+        'topk(1, anomaly_signal_contribution{detector="node"}) and on(instance) (anomaly_detected == 1)'), timeout=30)
+    for worker in workers:
+        worker.join()
+    assert top, "no contribution series while the entity was over its threshold"
+    assert top[0]["metric"]["signal"] in {"cpu", "context_switches", "processes_running"}
+
+
+def test_restart_serves_saved_model(node_stack, node_service):
+    before = metric_value(node_service.metrics(), "anomaly_model_trained_timestamp_seconds", detector="node")
+    assert before is not None
+
+    assert node_service.stop() == 0
+    node_service.start()
+    scored = wait_for(lambda: metric_value(node_service.metrics(), "anomaly_score", detector="node") is not None,
+                      timeout=30)
+    after = metric_value(node_service.metrics(), "anomaly_model_trained_timestamp_seconds", detector="node")
+    assert scored, "no anomaly_score after the restart"
+    assert after == before, "the restarted service did not serve the saved model"
+    assert "loaded model" in node_service.log.read_text()
+
+
+def score_cycles(service) -> float:
+    return metric_value(service.metrics(), "anomaly_monitor_cycle_duration_seconds_count",
+                        detector="node", phase="score") or 0.0
+
+
+def test_prometheus_outage_is_survived(node_stack, node_service):
+    node_stack.stack.processes["prometheus"].stop()
+    try:
+        errors = wait_for(lambda: metric_value(node_service.metrics(), "anomaly_monitor_query_errors_total",
+                                               detector="node", reason="connection"), timeout=30)
+        assert errors, "query errors were not counted while Prometheus was down"
+        assert metric_value(node_service.metrics(), "anomaly_detector_state", detector="node", state="serving") == 1
+        assert metric_value(node_service.metrics(), "anomaly_score", detector="node") is not None
+        during = score_cycles(node_service)
+        time.sleep(3)
+        assert score_cycles(node_service) == during, "score cycles ran while Prometheus was down"
+    finally:
+        node_stack.stack.restart_prometheus()
+
+    assert wait_for(lambda: score_cycles(node_service) > during, timeout=60), "scoring did not resume"
+    fresh = wait_for(lambda: node_stack.query('time() - timestamp(anomaly_score{detector="node"}) < 5'), timeout=60)
+    assert fresh, "scores did not reach Prometheus again after the outage"

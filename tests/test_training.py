@@ -1,0 +1,166 @@
+"""Training on small synthetic multi-entity data: acceptance, determinism, rejections, exclusions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fixtures_unit import START, STEP, detector_config, normal_values, synthetic_frame, train_bundle
+from monitor.training import Trainer, TrainingError, candidate_windows, split_by_time
+
+
+@pytest.fixture(scope="module")
+def serving_bundle():
+    return train_bundle()
+
+
+def test_normal_data_accepted():
+    outcome = Trainer(detector_config()).train(synthetic_frame(), None)
+
+    assert outcome.accepted is True
+    assert outcome.reason == "accepted"
+    assert outcome.windows_used > 0
+    assert math.isfinite(outcome.bundle.threshold.value)
+    assert math.isfinite(outcome.bundle.statistics.condition_number)
+
+
+def test_metadata_recorded():
+    frame = synthetic_frame()
+    outcome = Trainer(detector_config()).train(frame, None)
+    metadata = outcome.bundle.metadata
+
+    assert metadata["data_start"] == frame.start
+    assert metadata["data_end"] == frame.end
+    assert metadata["entities"] == 3
+    assert metadata["windows_used"] == outcome.windows_used
+    assert metadata["warm_started"] is False
+
+
+def test_same_seed_same_model():
+    first = Trainer(detector_config()).train(synthetic_frame(), None).bundle
+    second = Trainer(detector_config()).train(synthetic_frame(), None).bundle
+    first_state, second_state = first.network.state_dict(), second.network.state_dict()
+
+    for name in first_state:
+        assert torch.equal(first_state[name], second_state[name]), name
+    assert first.threshold.value == second.threshold.value
+    np.testing.assert_array_equal(first.statistics.covariance, second.statistics.covariance)
+
+
+def test_other_seed_other_model():
+    first = Trainer(detector_config()).train(synthetic_frame(), None).bundle
+    other = Trainer(detector_config(train={"seed": 2})).train(synthetic_frame(), None).bundle
+    weights = "encoder.weight_ih_l0"
+
+    assert not torch.equal(first.network.state_dict()[weights], other.network.state_dict()[weights])
+
+
+def test_condition_number_limit_rejects():
+    detector = detector_config(train={"max_condition_number": 1.01})
+    outcome = Trainer(detector).train(synthetic_frame(), None)
+
+    assert outcome.accepted is False
+    assert "condition number" in outcome.reason
+    assert "train.max_condition_number" in outcome.reason
+    assert outcome.bundle is not None
+
+
+def test_no_flagged_windows_without_current_model():
+    outcome = Trainer(detector_config()).train(synthetic_frame(), None)
+
+    assert outcome.windows_excluded["flagged"] == 0
+
+
+def anomalous_frame(first_step: int = 300, length: int = 30):
+    values = normal_values()
+    values[1, first_step:first_step + length, 0] += 5.0
+    return synthetic_frame(values)
+
+
+def test_flagged_windows_excluded(serving_bundle):
+    detector = detector_config()
+    outcome = Trainer(detector).train(anomalous_frame(), serving_bundle)
+    # Every window whose scored steps (its last aggregate_steps) touch the 30 anomalous steps.
+    anomalous_windows = 30 + detector.score.aggregate_steps - 1
+
+    assert outcome.windows_excluded["flagged"] >= anomalous_windows
+
+
+def test_flagged_windows_cover_the_anomaly(serving_bundle):
+    detector = detector_config()
+    frame = anomalous_frame()
+    trainer = Trainer(detector)
+    windows, _ = candidate_windows(frame, detector)
+    kept, _ = trainer._drop_flagged(frame, windows, serving_bundle)
+    scored_first = kept.starts + detector.window - detector.score.aggregate_steps
+    scored_last = kept.starts + detector.window - 1
+    touches = (kept.rows == 1) & (scored_last >= 300) & (scored_first < 330)
+
+    assert not touches.any()
+
+
+def test_warm_start_from_current_model(serving_bundle):
+    outcome = Trainer(detector_config()).train(synthetic_frame(), serving_bundle)
+
+    assert outcome.bundle.metadata["warm_started"] is True
+
+
+def test_cold_start_when_fingerprint_differs(serving_bundle):
+    detector = detector_config(window=16)
+    outcome = Trainer(detector).train(synthetic_frame(), serving_bundle)
+
+    assert outcome.bundle.metadata["warm_started"] is False
+
+
+def test_too_few_windows_raises():
+    frame = synthetic_frame(normal_values(steps=60))
+    with pytest.raises(TrainingError) as caught:
+        Trainer(detector_config()).train(frame, None)
+    message = str(caught.value)
+
+    assert message.startswith("too few normal windows:")
+    assert "(need 16)" in message
+    assert "train.min_windows" in message
+
+
+def test_gappy_windows_excluded_and_counted():
+    values = normal_values()
+    values[0, 100:200, :] = np.nan
+    outcome = Trainer(detector_config()).train(synthetic_frame(values), None)
+
+    assert outcome.windows_excluded["gaps"] > 0
+    assert outcome.accepted is True
+
+
+def test_all_gaps_raises():
+    values = np.full((3, 480, 3), np.nan)
+    with pytest.raises(TrainingError) as caught:
+        Trainer(detector_config()).train(synthetic_frame(values), None)
+
+    assert "'gaps': 1407" in str(caught.value)
+
+
+def test_excluded_time_range_counted():
+    exclude = [{"start": START + 100 * STEP, "end": START + 110 * STEP, "reason": "maintenance"}]
+    detector = detector_config(train={"exclude": exclude})
+    frame = synthetic_frame()
+    _, excluded = candidate_windows(frame, detector)
+    # Windows of 12 steps overlapping steps 100..110, for each of the 3 entities.
+    overlapping = (110 - 100 + detector.window) * 3
+
+    assert excluded["excluded_range"] == overlapping
+
+
+def test_split_by_time_is_disjoint():
+    detector = detector_config()
+    frame = synthetic_frame()
+    windows, _ = candidate_windows(frame, detector)
+    training, validation, holdout = split_by_time(frame, windows, detector)
+    training_last = (training.starts + detector.window - 1).max()
+    validation_last = (validation.starts + detector.window - 1).max()
+
+    assert training_last < validation.starts.min()
+    assert validation_last < holdout.starts.min()

@@ -77,6 +77,7 @@ class Probe:
         self.result.update({
             "seconds": total,
             "phases": self.timers.phases(total),
+            "timers": dict(self.timers.seconds),
             "calls": dict(self.timers.calls),
             "spans": dict(self.timers.spans),
             "service_cpu_seconds": own,

@@ -77,7 +77,7 @@ def parse_delay(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
-# The default of score.lag is 0, so a config must be able to state it, and a dumped config reload.
+# score.lag defaults to 0, so a config must be able to state 0s, and a dumped config must validate again.
 Delay = Annotated[float, BeforeValidator(parse_delay)]
 
 
@@ -140,9 +140,19 @@ class StorageConfig(_Strict):
     path: Path = Path("/var/lib/anomaly-monitor")
 
 
+def _shard_index(value: Any) -> int | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise ValueError(f"expected a non-negative integer or auto, found {value!r}")
+
+
 class ShardConfig(_Strict):
     count: int = Field(default=1, ge=1, le=1024)
-    index: int | Literal["auto"] = 0
+    index: Annotated[int | str, BeforeValidator(_shard_index)] = 0
 
     @model_validator(mode="after")
     def _index_in_range(self) -> ShardConfig:
@@ -280,13 +290,14 @@ class Config(_Strict):
             raise ValueError(f"expected HOST:PORT such as 0.0.0.0:9464, found {value!r}")
         return value
 
-    @model_validator(mode="after")
-    def _unique_detectors(self) -> Config:
-        names = [d.name for d in self.detectors]
+    @field_validator("detectors")
+    @classmethod
+    def _unique_detectors(cls, detectors: list[DetectorConfig]) -> list[DetectorConfig]:
+        names = [d.name for d in detectors]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"detector names must be unique, found {duplicates} more than once")
-        return self
+        return detectors
 
     def detector(self, name: str) -> DetectorConfig:
         for detector in self.detectors:
@@ -313,9 +324,13 @@ def _describe(error: dict) -> str:
     if error["type"] == "missing":
         return f"{where}: required key is missing"
     found = error.get("input")
-    if isinstance(found, (dict, list)) or "found" in message:
+    # A mapping is the input of a cross-field check, whose message already names the values.
+    if isinstance(found, dict) or "found" in message:
         return f"{where}: {message}"
-    return f"{where}: {message} (found {found!r})"
+    shown = repr(found)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f"{where}: {message} (found {shown})"
 
 
 def _apply_shard_environment(raw: dict) -> dict:

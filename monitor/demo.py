@@ -1,7 +1,7 @@
 """`anomaly-monitor demo`: the whole loop on loopback, with an anomaly injected on purpose.
 
-Prometheus scrapes node-exporter and the service every second; the service learns for a couple
-of minutes, then a workload misbehaves and the score is read back from Prometheus.
+Prometheus scrapes node-exporter and the service every second. The service learns for a couple
+of minutes, then a workload misbehaves, and the score is read back from Prometheus.
 """
 
 from __future__ import annotations

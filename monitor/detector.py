@@ -215,6 +215,9 @@ class DetectorRuntime:
         except (TrainingError, QueryError) as error:
             logger.warning("detector %s: training failed: %s", name, error)
             self.metrics.training_runs.labels(name, "failed").inc()
+            if self.bundle is None:
+                self.state = "failed"
+                self.publish()
             return TrainingOutcome(False, None, str(error))
         return self._adopt(outcome)
 
@@ -284,7 +287,7 @@ class DetectorRuntime:
             chunk_start = chunk_end + self.detector.step
 
     def _training_sample(self, frame: Frame) -> set[EntityKey] | None:
-        """Pick at most `train.max_entities` entities by a stable hash, so each run sees the same ones."""
+        """Pick at most `train.max_entities` entities by a stable hash, so each run reads the same ones."""
         limit = self.detector.train.max_entities
         if len(frame.entities) <= limit:
             return None

@@ -76,29 +76,51 @@ def build_frame(
 ) -> Frame:
     """Merge the series of every signal into one frame; entities outside `keep` are left out."""
     signals = list(detector.signals)
-    columns: dict[EntityKey, dict[int, np.ndarray]] = {}
     dropped: dict[str, int] = {}
-
-    for column, name in enumerate(signals):
-        for series in per_signal.get(name, []):
-            key = entity_key(series.labels, detector.entity_labels)
-            if key is None:
-                dropped["missing_labels"] = dropped.get("missing_labels", 0) + 1
-                continue
-            if keep is not None and key not in keep:
-                continue
-            if column in columns.setdefault(key, {}):
-                dropped["duplicate_series"] = dropped.get("duplicate_series", 0) + 1
-                continue
-            columns[key][column] = align(series, start, detector.step, length)
-
+    accepted = [_accept_series(per_signal.get(name, []), detector, keep, dropped) for name in signals]
     _log_dropped(detector, dropped)
-    entities = sorted(columns)
+
+    entities = sorted({key for column in accepted for key in column})
+    row_of = {key: row for row, key in enumerate(entities)}
     values = np.full((len(entities), length, len(signals)), np.nan)
-    for row, key in enumerate(entities):
-        for column, aligned in columns[key].items():
-            values[row, :, column] = aligned
+    for column, chosen in enumerate(accepted):
+        _scatter(values, column, chosen, row_of, start, detector.step)
     return Frame(start, detector.step, entities, values, dropped)
+
+
+def _accept_series(series_list: list[Series], detector: DetectorConfig, keep: set[EntityKey] | None,
+                   dropped: dict[str, int]) -> dict[EntityKey, Series]:
+    """Return one series per entity for a signal, counting those without the labels or repeated."""
+    chosen: dict[EntityKey, Series] = {}
+    for series in series_list:
+        key = entity_key(series.labels, detector.entity_labels)
+        if key is None:
+            dropped["missing_labels"] = dropped.get("missing_labels", 0) + 1
+        elif keep is not None and key not in keep:
+            continue
+        elif key in chosen:
+            dropped["duplicate_series"] = dropped.get("duplicate_series", 0) + 1
+        else:
+            chosen[key] = series
+    return chosen
+
+
+def _scatter(values: np.ndarray, column: int, chosen: dict[EntityKey, Series], row_of: dict[EntityKey, int],
+             start: float, step: float) -> None:
+    """Place every chosen series of one signal onto the grid in one vectorised pass, as `align` does."""
+    if not chosen:
+        return
+    parts = list(chosen.items())
+    lengths = np.array([series.timestamps.size for _, series in parts])
+    rows = np.repeat(np.array([row_of[key] for key, _ in parts]), lengths)
+    timestamps = np.concatenate([series.timestamps for _, series in parts])
+    samples = np.concatenate([series.values for _, series in parts])
+
+    position = (timestamps - start) / step
+    index = np.rint(position).astype(np.int64)
+    on_grid = (index >= 0) & (index < values.shape[1]) & (np.abs(position - index) * step < 1e-3 + 1e-6 * step)
+    samples = samples[on_grid]
+    values[rows[on_grid], index[on_grid], column] = np.where(np.isfinite(samples), samples, np.nan)
 
 
 def _log_dropped(detector: DetectorConfig, dropped: dict[str, int]) -> None:

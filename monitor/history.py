@@ -1,6 +1,6 @@
 """A bounded local record of fetched steps, so that training reads disk instead of Prometheus.
 
-Each segment file holds a run of grid steps for a set of entities:
+Each segment file contains a run of grid steps for a set of entities:
     <detector>/history/seg-<first step>-<last step>.npz  with entities, signals, values [entity, time, signal]
 Values are float32: metric values need no more precision for training, and it halves the disk.
 """

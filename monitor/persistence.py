@@ -100,7 +100,11 @@ def save_bundle(folder: Path, bundle: ModelBundle) -> Path:
     """Write a bundle as a new version and make it CURRENT; return the version's folder."""
     models = folder / "models"
     models.mkdir(parents=True, exist_ok=True)
-    version = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    # Names sort by save time, to the microsecond: pruning and the fallback in load_latest keep the
+    # newest versions by name, and with whole seconds two saves in one second sorted at random.
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    version = f"{stamp}.{int(now % 1 * 1e6):06d}Z-{uuid.uuid4().hex[:8]}"
     staging = models / f".{version}.tmp"
     staging.mkdir()
 

@@ -59,15 +59,15 @@ class PrometheusSource:
         self.config = config
         self._on_error = on_error or (lambda reason: None)
         session = requests.Session()
-        # Passed with every request as well: a session's own `verify` loses to REQUESTS_CA_BUNDLE
-        # and CURL_CA_BUNDLE in the environment, which would ignore ca_file and tls_verify: false.
+        # requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE override a session's `verify`, which
+        # would ignore ca_file and tls_verify: false. So `verify` goes with every request too.
         self._verify = str(config.ca_file) if config.ca_file else config.tls_verify
         session.verify = self._verify
         self.client = PrometheusConnect(
             url=config.url,
             headers=dict(config.headers),
-            # read=False lets a read timeout surface as requests.Timeout; with only total=0 urllib3
-            # wraps it in MaxRetryError and requests reports it as a ConnectionError.
+            # read=False lets a read timeout surface as requests.Timeout. With only total=0, urllib3
+            # wraps it in MaxRetryError, which requests reports as a ConnectionError.
             retry=Retry(total=0, read=False, raise_on_status=False),
             session=session,
             timeout=config.timeout,
@@ -161,6 +161,7 @@ class PrometheusSource:
         return [_concatenate(parts) for parts in merged.values()]
 
     def _parse(self, data: dict) -> list[Series]:
+        """Parse a response's result, counting a malformed one as a failed query."""
         try:
             return _parse_result(data)
         except QueryError as error:
@@ -202,28 +203,36 @@ def _parse_result(data: dict) -> list[Series]:
     if kind not in ("matrix", "vector"):
         raise QueryError("bad_response", f"unsupported resultType {kind!r}; signals must return an instant vector", False)
 
-    parsed = []
-    for item in result:
-        try:
-            labels = item["metric"]
-            pairs = item["values"] if kind == "matrix" else [item["value"]]
-            parsed.append(_series_from_pairs(labels, pairs))
-        except (KeyError, TypeError, ValueError) as error:
-            raise QueryError("bad_response", f"malformed series in response: {error!r}", False) from None
-    return parsed
+    try:
+        return _series_from_result(result, kind)
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise QueryError("bad_response", f"malformed series in response: {error!r}", False) from None
 
 
-def _series_from_pairs(labels: dict, pairs: list) -> Series:
-    if not isinstance(labels, dict):
-        raise TypeError("metric is not a label mapping")
-    if not pairs:
-        empty = np.empty(0)
-        return Series(dict(labels), empty, empty)
-    # One C-level conversion instead of a Python loop per sample: numpy parses "NaN" and "+Inf".
-    table = np.asarray(pairs, dtype=str)
-    if table.ndim != 2 or table.shape[1] != 2:
-        raise ValueError("sample is not a [timestamp, value] pair")
-    return Series(dict(labels), table[:, 0].astype(np.float64), table[:, 1].astype(np.float64))
+def _series_from_result(result: list, kind: str) -> list[Series]:
+    """Convert every series at once: two flat conversions instead of one per series.
+
+    numpy parses Prometheus's value strings, "NaN" and "+Inf" included, in C; a per-series
+    conversion costs several times more at thousands of series.
+    """
+    if kind == "matrix":
+        samples = [item["values"] for item in result]
+    else:
+        samples = [[item["value"]] for item in result]
+    lengths = np.array([len(pairs) for pairs in samples], dtype=np.int64)
+    if any(len(pair) != 2 for pairs in samples for pair in pairs):
+        raise ValueError("a sample is not a [timestamp, value] pair")
+    timestamps = np.array([pair[0] for pairs in samples for pair in pairs], dtype=np.float64)
+    values = np.array([pair[1] for pairs in samples for pair in pairs], dtype=np.float64)
+
+    ends = np.cumsum(lengths)
+    series = []
+    for item, end, length in zip(result, ends.tolist(), lengths.tolist()):
+        labels = item["metric"]
+        if not isinstance(labels, dict):
+            raise TypeError("metric is not a label mapping")
+        series.append(Series(dict(labels), timestamps[end - length:end], values[end - length:end]))
+    return series
 
 
 def _concatenate(parts: list[Series]) -> Series:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
+import threading
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,8 @@ from monitor.localstack import LocalStack, MissingBinary, find_binary, free_port
 
 # Seconds of real node metrics gathered before the session's model is trained.
 GATHER_SECONDS = 110
+# Three node-exporters give the node detector three entities, enough to split across shards.
+NODE_EXPORTERS = 3
 
 NODE_SIGNALS = {
     "cpu": '1 - avg by (instance) (rate(node_cpu_seconds_total{mode="idle"}[3s]))',
@@ -35,6 +41,66 @@ def require_binaries(*names: str) -> None:
         pytest.skip(str(error))
 
 
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+# The shipped rules wait minutes; the end-to-end copy keeps their logic at a 1 s scrape.
+FAST_RULES = [
+    (r"\[3m\]", "[15s]"),
+    (r"for: 5m", "for: 5s"),
+    (r"for: 10m", "for: 8s"),
+    (r"keep_firing_for: 10m", "keep_firing_for: 5s"),
+]
+
+
+def fast_rules(target: Path) -> Path:
+    text = (REPOSITORY / "rules" / "anomaly-monitor.rules.yml").read_text()
+    for pattern, replacement in FAST_RULES:
+        text = re.sub(pattern, replacement, text)
+    target.write_text(text)
+    return target
+
+
+def fast_alertmanager_config(target: Path, webhook: str) -> Path:
+    config = yaml.safe_load((REPOSITORY / "rules" / "alertmanager.yml").read_text())
+    config["route"].update(group_wait="1s", group_interval="2s")
+    for route in config["route"]["routes"]:
+        route.update(group_wait="1s", group_interval="2s")
+    for receiver in config["receivers"]:
+        for hook in receiver.get("webhook_configs", []):
+            hook["url"] = f"{webhook}/{receiver['name']}"
+    target.write_text(yaml.safe_dump(config))
+    return target
+
+
+class WebhookReceiver:
+    """Records what Alertmanager posts: (path, body) pairs, path being the receiver's name."""
+
+    def __init__(self):
+        self.notifications: list[tuple[str, dict]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                receiver.notifications.append((self.path.strip("/"), json.loads(body)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 @dataclass
 class NodeStack:
     stack: LocalStack
@@ -42,6 +108,9 @@ class NodeStack:
     service_port: int
     prometheus_url: str
     started: float
+    webhook: WebhookReceiver | None = field(default=None)
+    # Every node-exporter is an entity of the node detector; node_target is the first.
+    node_targets: list[str] = field(default_factory=list)
 
     def query(self, expression: str) -> list[dict]:
         response = requests.get(f"{self.prometheus_url}/api/v1/query", params={"query": expression}, timeout=10)
@@ -51,25 +120,28 @@ class NodeStack:
 
 @pytest.fixture(scope="session")
 def node_stack(tmp_path_factory) -> NodeStack:
-    require_binaries("prometheus", "node-exporter")
+    require_binaries("prometheus", "node-exporter", "alertmanager")
     work = tmp_path_factory.mktemp("stack")
     stack = LocalStack(work)
+    webhook = WebhookReceiver()
     try:
-        node = stack.start_node_exporter()
+        nodes = [stack.start_node_exporter(f"node-exporter-{i}") for i in range(NODE_EXPORTERS)]
+        alertmanager = stack.start_alertmanager(fast_alertmanager_config(work / "alertmanager.yml", webhook.url))
         service_port = free_port()
         prometheus = stack.start_prometheus([
-            scrape_job("node", [node]),
+            scrape_job("node", nodes),
             scrape_job("anomaly-monitor", [f"127.0.0.1:{service_port}"], honor_labels=True),
-        ], interval="1s")
-        yield NodeStack(stack, node, service_port, prometheus, time.time())
+        ], interval="1s", rule_files=[str(fast_rules(work / "rules.yml"))], alertmanagers=[alertmanager])
+        yield NodeStack(stack, nodes[0], service_port, prometheus, time.time(), webhook, nodes)
     finally:
         stack.stop()
+        webhook.stop()
 
 
-def node_config(stack: NodeStack, storage: Path, train_every: str = "1h") -> dict:
+def node_config(stack: NodeStack, storage: Path, train_every: str = "1h", port: int | None = None) -> dict:
     return {
         "prometheus": {"url": stack.prometheus_url, "timeout": "5s", "retries": 1, "retry_backoff": "200ms"},
-        "listen": f"127.0.0.1:{stack.service_port}",
+        "listen": f"127.0.0.1:{port or stack.service_port}",
         "storage": {"path": str(storage)},
         "detectors": [{
             "name": "node",
@@ -128,10 +200,10 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
 
 @pytest.fixture(scope="session")
 def node_service(node_stack, tmp_path_factory):
-    """The service on the node stack, with a model that `anomaly-monitor train` fitted on gathered metrics.
+    """Start the service with a model that `anomaly-monitor train` fitted on gathered metrics.
 
-    The service runs while the metrics are gathered, so its own load is part of what is learnt
-    as normal; it is then restarted to load the model.
+    The service already runs while the metrics are gathered, so its own load is learnt as
+    normal. A restart then loads the model.
     """
     folder = tmp_path_factory.mktemp("node-service")
     config_file = folder / "config.yaml"

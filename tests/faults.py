@@ -44,7 +44,7 @@ class RecordedRequest:
 
 @dataclass
 class ScriptedServer:
-    """Answer each request with the next scripted reply; the last reply repeats once the script ends."""
+    """Send the next scripted reply for each request. Once the script ends, the last reply repeats."""
 
     replies: list[Reply] = field(default_factory=lambda: [Reply()])
     requests: list[RecordedRequest] = field(default_factory=list)
@@ -101,7 +101,7 @@ def _scripted_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
 
 
 class HungServer:
-    """Accept connections and never answer, like a server stuck behind a full queue."""
+    """Accept connections and never respond, like a server stuck behind a full queue."""
 
     def __init__(self):
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

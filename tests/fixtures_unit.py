@@ -14,8 +14,8 @@ from monitor.config import DetectorConfig
 from monitor.frames import Frame
 from monitor.training import Trainer
 
-# The service runs torch on one thread by default (torch_threads: 1); the tests do the same, because
-# two threads slow a small model down many times over whenever the other core is busy.
+# The service runs torch on one thread by default (torch_threads: 1), and so do the tests. On a
+# busy 2-core machine, two threads made these small trainings about ten times slower.
 torch.set_num_threads(1)
 
 SIGNALS = ("cpu", "memory", "network")

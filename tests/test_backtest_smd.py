@@ -2,9 +2,9 @@
 
 A slice of machine-1-6 is written as OpenMetrics, turned into TSDB blocks with
 `promtool tsdb create-blocks-from openmetrics`, and served by a Prometheus on a loopback port.
-A small model trained on the start of the slice is saved as the service saves it; then
-`anomaly-monitor backtest` reads the rest of the slice through the normal query path, and its
-CSV must match score_range on the same steps read straight from the file.
+A small model trained on the start of the slice is saved as the service saves it. Then
+`anomaly-monitor backtest` reads the rest of the slice through the normal query path. Its CSV
+must match score_range on the same steps read straight from the file.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from monitor.bundle import config_fingerprint
 from monitor.replay import score_range
 from monitor.training import Trainer
 
-pytestmark = pytest.mark.integration
-
 MACHINE = "machine-1-6"
 STEP = 60.0
 TRAIN_STEPS = 400
@@ -52,7 +50,7 @@ def _openmetrics(signals: list[str], values: np.ndarray, start: float) -> str:
     for column, signal in enumerate(signals):
         lines.append(f"# TYPE smd_{signal} gauge")
         for index, value in enumerate(values[:, column]):
-            lines.append(f'smd_{signal}{{instance="{MACHINE}"}} {value!r} {start + index * STEP:.0f}')
+            lines.append(f'smd_{signal}{{instance="{MACHINE}"}} {float(value)!r} {start + index * STEP:.0f}')
     lines.append("# EOF")
     return "\n".join(lines) + "\n"
 
@@ -67,6 +65,15 @@ def _detector(signals: list[str]) -> DetectorConfig:
     )
 
 
+def test_reordered_signals_change_fingerprint():
+    # The network's input columns follow the config's signal order, so a saved model must not
+    # load under a config that lists the same signals in another order.
+    detector = _detector(["cpu_r", "load_1", "mem_u"])
+    reordered = detector.model_copy(update={"signals": dict(reversed(list(detector.signals.items())))})
+    assert config_fingerprint(detector) != config_fingerprint(reordered)
+
+
+@pytest.mark.integration
 def test_backtest_matches_file_scores(tmp_path):
     promtool = shutil.which("promtool")
     if promtool is None:
@@ -99,7 +106,7 @@ def test_backtest_matches_file_scores(tmp_path):
     try:
         config = {"prometheus": {"url": url}, "storage": {"path": str(storage)},
                   "detectors": [detector.model_dump(mode="json")]}
-        (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
+        (tmp_path / "config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
         scored_start = start + TRAIN_STEPS * STEP
         scored_end = start + (values.shape[0] - 1) * STEP
         code = main(["backtest", "--config", str(tmp_path / "config.yml"), "--from", f"{scored_start:.0f}",

@@ -1,7 +1,15 @@
-"""The `anomaly-monitor` command line, run as a subprocess the way an operator runs it."""
+"""The `anomaly-monitor` command line.
+
+One bad config runs through the installed script in a new process, as an operator runs it. The
+other cases call `main()` in this process, because every new process spends seconds importing torch.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import logging
 import os
 import shutil
 import subprocess
@@ -11,6 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from faults import refused_url
+from monitor.cli import main
+from monitor.commands import check_config
+from monitor.config import load_config
 from monitor.localstack import LocalStack, MissingBinary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,11 +51,28 @@ def write_config(tmp_path: Path, content: dict, name: str = "config.yaml") -> Pa
     return path
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+def run_subprocess(*args: str) -> subprocess.CompletedProcess[str]:
     environment = {key: value for key, value in os.environ.items() if not key.startswith("ANOMALY_MONITOR_")}
-    environment.update(env or {})
-    return subprocess.run([sys.executable, "-m", "monitor", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=environment, timeout=120)
+    return subprocess.run([*args], capture_output=True, text=True, cwd=ROOT, env=environment, timeout=120)
+
+
+@pytest.fixture(autouse=True)
+def clean_cli_state(monkeypatch):
+    """Clear the ANOMALY_MONITOR_ variables, and undo main()'s root logger set-up afterwards."""
+    for key in [k for k in os.environ if k.startswith("ANOMALY_MONITOR_")]:
+        monkeypatch.delenv(key)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the command line in this process; return the exit code, stdout and stderr."""
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def bad_config(tmp_path: Path) -> Path:
@@ -54,104 +83,106 @@ def bad_config(tmp_path: Path) -> Path:
     return write_config(tmp_path, content, "bad.yaml")
 
 
-def test_check_config_bad_file_exits_2(tmp_path: Path):
-    result = run_cli("check-config", "--config", str(bad_config(tmp_path)))
+def command_line() -> list[str]:
+    """Return the installed `anomaly-monitor` script, or `python -m monitor` where it is not installed."""
+    script = shutil.which("anomaly-monitor", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "monitor"]
+
+
+@pytest.fixture(scope="module")
+def bad_config_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """Run `anomaly-monitor check-config` once on a bad file in a new process, as an operator would."""
+    path = bad_config(tmp_path_factory.mktemp("bad"))
+    return path, run_subprocess(*command_line(), "check-config", "--config", str(path))
+
+
+def test_check_config_bad_file_exits_2(bad_config_run):
+    _, result = bad_config_run
 
     assert result.returncode == EXIT_CONFIG
 
 
-def test_check_config_bad_file_no_traceback(tmp_path: Path):
-    result = run_cli("check-config", "--config", str(bad_config(tmp_path)))
+def test_check_config_bad_file_no_traceback(bad_config_run):
+    _, result = bad_config_run
 
     assert "Traceback" not in result.stderr
 
 
-def test_check_config_bad_file_lists_every_problem(tmp_path: Path):
-    path = bad_config(tmp_path)
-    result = run_cli("check-config", "--config", str(path))
+@pytest.mark.parametrize("problem", [
+    "  - prometheus.url: expected an http:// or https:// URL",
+    "  - detectors[0].window: ",
+    "  - detectors[0].colour: unknown key",
+])
+def test_check_config_bad_file_lists_every_problem(bad_config_run, problem: str):
+    path, result = bad_config_run
 
     assert f"invalid config {path}:" in result.stderr
-    assert "  - prometheus.url: expected an http:// or https:// URL" in result.stderr
-    assert "  - detectors[0].window: " in result.stderr
-    assert "  - detectors[0].colour: unknown key" in result.stderr
+    assert problem in result.stderr
 
 
-def test_check_config_valid_file(tmp_path: Path):
-    result = run_cli("check-config", "--config", str(write_config(tmp_path, config_dict(tmp_path))))
+def test_check_config_valid_file(tmp_path: Path, capsys):
+    code, out, _ = run_main(capsys, "check-config", "--config", str(write_config(tmp_path, config_dict(tmp_path))))
 
-    assert result.returncode == 0
-    assert result.stdout == "config is valid: 1 detector(s): node\n"
-
-
-def test_config_from_environment(tmp_path: Path):
-    path = write_config(tmp_path, config_dict(tmp_path))
-    result = run_cli("check-config", env={"ANOMALY_MONITOR_CONFIG": str(path)})
-
-    assert result.returncode == 0
+    assert code == 0
+    assert out == "config is valid: 1 detector(s): node\n"
 
 
-def test_no_config_exits_2():
-    result = run_cli("check-config")
+def test_config_from_environment(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setenv("ANOMALY_MONITOR_CONFIG", str(write_config(tmp_path, config_dict(tmp_path))))
+    code, _, _ = run_main(capsys, "check-config")
 
-    assert result.returncode == EXIT_CONFIG
-    assert "no config given" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_missing_file_exits_2(tmp_path: Path):
-    result = run_cli("check-config", "--config", str(tmp_path / "absent.yaml"))
-
-    assert result.returncode == EXIT_CONFIG
-    assert "cannot read the file" in result.stderr
+    assert code == 0
 
 
-def test_invalid_yaml_exits_2(tmp_path: Path):
+def test_no_config_exits_2(capsys):
+    code, _, err = run_main(capsys, "check-config")
+
+    assert code == EXIT_CONFIG
+    assert "no config given" in err
+
+
+def test_missing_file_exits_2(tmp_path: Path, capsys):
+    code, _, err = run_main(capsys, "check-config", "--config", str(tmp_path / "absent.yaml"))
+
+    assert code == EXIT_CONFIG
+    assert "cannot read the file" in err
+
+
+def test_invalid_yaml_exits_2(tmp_path: Path, capsys):
     path = tmp_path / "broken.yaml"
     path.write_text("detectors: [\n")
-    result = run_cli("check-config", "--config", str(path))
+    code, _, err = run_main(capsys, "check-config", "--config", str(path))
 
-    assert result.returncode == EXIT_CONFIG
-    assert "invalid YAML" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_console_script_installed(tmp_path: Path):
-    script = shutil.which("anomaly-monitor", path=str(Path(sys.executable).parent))
-    if script is None:
-        pytest.skip("the anomaly-monitor console script is not installed in this environment (pip install -e .)")
-    result = subprocess.run([script, "check-config", "--config", str(bad_config(tmp_path))],
-                            capture_output=True, text=True, timeout=120)
-
-    assert result.returncode == EXIT_CONFIG
-    assert "Traceback" not in result.stderr
+    assert code == EXIT_CONFIG
+    assert "invalid YAML" in err
 
 
-def test_run_with_unresolvable_shard_exits_2(tmp_path: Path):
+def test_run_with_unresolvable_shard_exits_2(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setenv("HOSTNAME", "workstation")
     content = config_dict(tmp_path)
     content["listen"] = "127.0.0.1:0"
     content["shard"] = {"count": 2, "index": "auto"}
-    result = run_cli("run", "--config", str(write_config(tmp_path, content)), env={"HOSTNAME": "workstation"})
+    code, _, err = run_main(capsys, "run", "--config", str(write_config(tmp_path, content)))
 
-    assert result.returncode == EXIT_CONFIG
-    assert "does not end in -<ordinal>" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert code == EXIT_CONFIG
+    assert "does not end in -<ordinal>" in err
 
 
-def test_train_unknown_detector_exits_2(tmp_path: Path):
+def test_train_unknown_detector_exits_2(tmp_path: Path, capsys):
     path = write_config(tmp_path, config_dict(tmp_path))
-    result = run_cli("train", "--config", str(path), "--detector", "pods")
+    code, _, err = run_main(capsys, "train", "--config", str(path), "--detector", "pods")
 
-    assert result.returncode == EXIT_CONFIG
-    assert "unknown detector(s) ['pods']" in result.stderr
+    assert code == EXIT_CONFIG
+    assert "unknown detector(s) ['pods']" in err
 
 
-def test_json_log_format(tmp_path: Path):
+def test_json_log_format(tmp_path: Path, capsys):
     path = write_config(tmp_path, config_dict(tmp_path))
-    result = run_cli("--log-format", "json", "train", "--config", str(path), "--detector", "pods")
-    (line,) = result.stderr.splitlines()
+    _, _, err = run_main(capsys, "--log-format", "json", "train", "--config", str(path), "--detector", "pods")
+    (line,) = err.splitlines()
 
-    assert line.startswith('{"time": ')
-    assert '"level": "error"' in line
+    assert json.loads(line)["level"] == "error"
+    assert "unknown detector(s)" in json.loads(line)["message"]
 
 
 # ---- check-config --connect against a real Prometheus ------------------------------------------
@@ -174,40 +205,58 @@ TWO_ENTITIES = f'{ENTITY_SERIES} or label_replace(vector(2), "instance", "node-b
 
 
 @pytest.mark.integration
-def test_connect_ok(tmp_path: Path, prometheus_url: str):
+def test_connect_ok(tmp_path: Path, prometheus_url: str, capsys):
     content = config_dict(tmp_path, prometheus_url, {"cpu": ENTITY_SERIES, "memory": TWO_ENTITIES})
-    result = run_cli("check-config", "--connect", "--config", str(write_config(tmp_path, content)))
+    code, out, _ = run_main(capsys, "check-config", "--connect", "--config", str(write_config(tmp_path, content)))
 
-    assert result.returncode == 0
-    assert "ok   node/cpu: 1 entities" in result.stdout
-    assert "ok   node/memory: 2 entities" in result.stdout
+    assert code == 0
+    assert "ok   node/cpu: 1 entities" in out
+    assert "ok   node/memory: 2 entities" in out
+
+
+BROKEN_SIGNALS = {
+    "unlabelled": ("vector(1)", "lack the entity labels ['instance']"),
+    "absent": ("absent_metric_for_test", "the query returned no series"),
+    "syntax": ("sum(", "returned HTTP 400"),
+    # Two series for node-a that differ in a second label, so `or` keeps both.
+    "duplicated": (f'{ENTITY_SERIES} or label_replace(label_replace(vector(2), "instance", "node-a", "", ""), '
+                   '"job", "x", "", "")', "several series per entity"),
+}
+
+
+@pytest.fixture(scope="module")
+def broken_connect_run(tmp_path_factory, prometheus_url: str) -> tuple[int, str]:
+    folder = tmp_path_factory.mktemp("broken")
+    signals = {"cpu": ENTITY_SERIES, **{name: query for name, (query, _) in BROKEN_SIGNALS.items()}}
+    path = write_config(folder, config_dict(folder, prometheus_url, signals))
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        code = check_config(load_config(path), connect=True)
+    return code, output.getvalue()
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("query, complaint", [
-    ("vector(1)", "lack the entity labels ['instance']"),
-    ("absent_metric_for_test", "the query returned no series"),
-    ("sum(", "returned HTTP 400"),
-    (f'{ENTITY_SERIES} or label_replace(vector(2), "instance", "node-a", "job", "")',
-     "several series per entity"),
-])
-def test_connect_reports_bad_signal(tmp_path: Path, prometheus_url: str, query: str, complaint: str):
-    content = config_dict(tmp_path, prometheus_url, {"cpu": ENTITY_SERIES, "broken": query})
-    result = run_cli("check-config", "--connect", "--config", str(write_config(tmp_path, content)))
+def test_connect_bad_signals_exit_1(broken_connect_run):
+    code, out = broken_connect_run
 
-    assert result.returncode == 1
-    assert "ok   node/cpu" in result.stdout
-    assert "FAIL node/broken: " in result.stdout
-    assert complaint in result.stdout
+    assert code == 1
+    assert "4 signal(s) failed" in out
+    assert "ok   node/cpu" in out
 
 
 @pytest.mark.integration
-def test_connect_unreachable_prometheus(tmp_path: Path):
-    from faults import refused_url
+@pytest.mark.parametrize("signal", sorted(BROKEN_SIGNALS))
+def test_connect_reports_bad_signal(broken_connect_run, signal: str):
+    _, out = broken_connect_run
+    (line,) = [line for line in out.splitlines() if line.startswith(f"FAIL node/{signal}: ")]
 
+    assert BROKEN_SIGNALS[signal][1] in line
+
+
+@pytest.mark.integration
+def test_connect_unreachable_prometheus(tmp_path: Path, capsys):
     content = config_dict(tmp_path, refused_url())
-    result = run_cli("check-config", "--connect", "--config", str(write_config(tmp_path, content)))
+    code, out, _ = run_main(capsys, "check-config", "--connect", "--config", str(write_config(tmp_path, content)))
 
-    assert result.returncode == 1
-    assert "cannot connect" in result.stdout
-    assert "Traceback" not in result.stderr
+    assert code == 1
+    assert "cannot connect" in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import urllib.error
@@ -244,14 +245,23 @@ def test_score_cycle_exports_bounded_contributions(tmp_path, bundle):
 # ---- HTTP endpoints ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def server():
+@contextlib.contextmanager
+def serving(view: DetectorView):
     exposition = Exposition()
-    exposition.snapshot.publish(KNOWN_VIEW)
+    exposition.snapshot.publish(view)
     metrics_server = MetricsServer(exposition, "127.0.0.1:0")
     metrics_server.start()
-    yield metrics_server
-    metrics_server.stop()
+    try:
+        yield metrics_server
+    finally:
+        metrics_server.stop()
+
+
+@pytest.fixture(scope="module")
+def server():
+    """One server for the tests that only read; stopping it waits for its 0.5 s poll."""
+    with serving(KNOWN_VIEW) as metrics_server:
+        yield metrics_server
 
 
 def fetch(server: MetricsServer, path: str, method: str = "GET") -> tuple[int, dict, bytes]:
@@ -303,23 +313,24 @@ def test_head_has_no_body(server):
     assert int(headers["Content-Length"]) == len(KNOWN_TEXT.encode())
 
 
-def test_scrape_during_publish_sees_whole_views(server):
+def test_scrape_during_publish_sees_whole_views():
     # Publishing swaps whole views; every scrape must see one view or the other, never a mix.
-    exposition = server.httpd.RequestHandlerClass.exposition
     other = DetectorView("node", "failed", 21600.0)
     stop = threading.Event()
+    with serving(KNOWN_VIEW) as server:
+        snapshot = server.httpd.RequestHandlerClass.exposition.snapshot
 
-    def flip():
-        while not stop.is_set():
-            exposition.snapshot.publish(other)
-            exposition.snapshot.publish(KNOWN_VIEW)
+        def flip():
+            while not stop.is_set():
+                snapshot.publish(other)
+                snapshot.publish(KNOWN_VIEW)
 
-    flipper = threading.Thread(target=flip, daemon=True)
-    flipper.start()
-    bodies = [fetch(server, "/metrics")[2].decode() for _ in range(20)]
-    stop.set()
-    flipper.join()
+        flipper = threading.Thread(target=flip, daemon=True)
+        flipper.start()
+        bodies = [fetch(server, "/metrics")[2].decode() for _ in range(20)]
+        stop.set()
+        flipper.join()
     score_lines = [body.count("\nanomaly_score{") for body in bodies]
-    serving = ['state="serving"} 1.0' in body for body in bodies]
+    serving_states = ['state="serving"} 1.0' in body for body in bodies]
 
-    assert all(count == (2 if is_serving else 0) for count, is_serving in zip(score_lines, serving))
+    assert all(count == (2 if is_serving else 0) for count, is_serving in zip(score_lines, serving_states))

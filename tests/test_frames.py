@@ -1,4 +1,4 @@
-"""Grid alignment, frame building and gap filling; chunked range reads against a real Prometheus.
+"""Grid alignment, frame building and gap filling, and chunked range reads against a real Prometheus.
 
 The Prometheus tests backfill known values with `promtool tsdb create-blocks-from openmetrics`
 and start Prometheus (Debian package `prometheus`) on a free loopback port afterwards. The step
@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,7 +228,7 @@ def openmetrics_text(start: float) -> str:
             for step in range(POINTS):
                 text = sample_text(metric, instance, step)
                 if text is not None:
-                    # OpenMetrics timestamps are seconds; promtool reads milliseconds as seconds 1000x later.
+                    # OpenMetrics timestamps are in seconds. promtool takes a millisecond value as seconds, 1000 times too late.
                     lines.append(f'{metric}{{instance="{instance}"}} {text} {int(start + step * STEP)}')
     lines.append("# EOF")
     return "\n".join(lines) + "\n"
@@ -257,7 +256,7 @@ def backfilled(tmp_path_factory) -> Backfilled:
     if promtool is None:
         pytest.skip("promtool not found on PATH: install the Debian package `prometheus`")
     workdir = tmp_path_factory.mktemp("prometheus")
-    # Two hours back keeps every sample inside the 30 day retention and outside the head block.
+    # Ending two hours back keeps every sample well inside the 30 day retention that LocalStack sets.
     start = grid_floor(time.time() - 2 * 3600, STEP) - (POINTS - 1) * STEP
     (workdir / "history.om").write_text(openmetrics_text(start))
     subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", str(workdir / "history.om"),

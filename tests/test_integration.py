@@ -7,9 +7,11 @@ restart, then a Prometheus outage.
 from __future__ import annotations
 
 import multiprocessing
+import re
 import time
 
 import pytest
+import requests
 
 pytestmark = pytest.mark.integration
 
@@ -89,6 +91,39 @@ def test_cpu_burn_crosses_threshold_and_recovers(node_stack, node_service):
     assert recovered, f"anomaly_score did not return below anomaly_threshold after the burn: {log.values}"
 
 
+def pages(webhook, status: str, since: int) -> list[dict]:
+    return [
+        alert
+        for receiver, body in webhook.notifications[since:]
+        if receiver == "pager"
+        for alert in body["alerts"]
+        if alert["status"] == status and alert["labels"]["alertname"] == "AnomalyMonitorEntityHighlyAnomalous"
+    ]
+
+
+def test_anomaly_pages_and_resolves(node_stack, node_service):
+    log = MarginLog(node_stack, node_stack.node_target)
+    assert wait_for(log.below, timeout=120), f"the score never settled below its threshold: {log.values}"
+    webhook = node_stack.webhook
+    quiet = wait_for(lambda: not node_stack.query('ALERTS{alertname=~"AnomalyMonitorEntity.*"}'), timeout=120)
+    assert quiet, "entity alerts from an earlier test never resolved"
+    since = len(webhook.notifications)
+
+    workers = burn_cpu(30)
+    fired = wait_for(lambda: pages(webhook, "firing", since), timeout=60)
+    for worker in workers:
+        worker.join()
+    assert fired, f"no page reached the receiver; notifications: {webhook.notifications[since:]}"
+
+    description = fired[0]["annotations"]["description"]
+    assert node_stack.node_target in description
+    assert re.search(r"Top signal: (cpu|context_switches|processes_running|memory) \(", description), description
+    assert fired[0]["labels"]["severity"] == "critical"
+
+    resolved = wait_for(lambda: pages(webhook, "resolved", since), timeout=180)
+    assert resolved, f"no resolved notification after the anomaly ended: {log.values}"
+
+
 def test_cpu_burn_names_cpu_signal(node_stack, node_service):
     workers = burn_cpu(20)
     top = wait_for(lambda: node_stack.query(
@@ -135,3 +170,44 @@ def test_prometheus_outage_is_survived(node_stack, node_service):
     assert wait_for(lambda: score_cycles(node_service) > during, timeout=60), "scoring did not resume"
     fresh = wait_for(lambda: node_stack.query('time() - timestamp(anomaly_score{detector="node"}) < 5'), timeout=60)
     assert fresh, "scores did not reach Prometheus again after the outage"
+
+
+def run_dashboard_query(stack, query) -> list:
+    if query.kind == "series":
+        response = requests.get(f"{stack.prometheus_url}/api/v1/series", params={"match[]": query.expr}, timeout=10)
+        return response.json()["data"]
+    end = time.time()
+    response = requests.get(f"{stack.prometheus_url}/api/v1/query_range", timeout=10, params={
+        "query": query.expr, "start": end - 600, "end": end, "step": 5})
+    body = response.json()
+    assert body["status"] == "success", f"{query.dashboard} {query.source}: {body}"
+    return body["data"]["result"]
+
+
+def test_dashboard_queries_return_data(node_stack, node_service):
+    from test_dashboards import DASHBOARD_FILES, DEFAULT_VARIABLES, extract_queries, load_dashboard
+
+    values = {**DEFAULT_VARIABLES, "entity": node_stack.node_target, "__rate_interval": "30s", "__range": "10m",
+              "__range_s": "600", "__range_ms": "600000"}
+    empty = []
+    for path in DASHBOARD_FILES:
+        for query in extract_queries(load_dashboard(path), values):
+            if not run_dashboard_query(node_stack, query):
+                empty.append(f"{query.dashboard} {query.source}: {query.expr}")
+    assert not empty, "queries that returned no data:\n" + "\n".join(empty)
+
+
+def test_backtest_scores_recent_range(node_stack, node_service, tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("backtest", "--config", str(node_service.config_file), "--from", "now-3m", "--to", "now",
+                     "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+
+    rows = (tmp_path / "node.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert header[:3] == ["timestamp", "time", "instance"]
+    assert len(rows) > 100, "fewer scored windows than 3 minutes at a 1 s step should give"
+    assert any(row.split(",")[header.index("detected")] == "1" for row in rows[1:]), "the burns left no detection"
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| node |" in summary

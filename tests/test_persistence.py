@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fixtures_unit import detector_config, normal_values, synthetic_frame, train_bundle
-from monitor.persistence import KEEP_VERSIONS, load_latest, load_version, reset, save_bundle, ModelFileError
+from monitor.persistence import KEEP_VERSIONS, ModelFileError, load_latest, load_version, reset, save_bundle
 
 FINGERPRINT_MISMATCH = "0" * 16
 
@@ -190,11 +190,11 @@ def test_unknown_format_version_rejected(tmp_path: Path, bundle):
 
 
 def test_old_versions_pruned(tmp_path: Path, bundle):
-    for _ in range(KEEP_VERSIONS + 2):
-        save_bundle(tmp_path, bundle)
-    versions = [p for p in (tmp_path / "models").iterdir() if p.is_dir()]
+    # Saves follow each other within a second here, so this also checks that names sort by save time.
+    saved = [save_bundle(tmp_path, bundle).name for _ in range(KEEP_VERSIONS + 3)]
+    versions = sorted(p.name for p in (tmp_path / "models").iterdir() if p.is_dir())
 
-    assert len(versions) == KEEP_VERSIONS
+    assert versions == saved[-KEEP_VERSIONS:]
 
 
 def test_no_temporary_files_left(tmp_path: Path, bundle):

@@ -174,10 +174,10 @@ def test_chi2_tail_probability_at_threshold():
     assert threshold.tail_probability(np.array([threshold.value]))[0] == pytest.approx(0.01, rel=1e-9)
 
 
-# The observed rate of a calibrated threshold varies with the reference sample: for the quantile
-# method with 20,000 references at 1 %, its relative standard deviation is about 7 %; the EVT
-# extrapolation from 500 tail points to 0.1 % varied between 0.7x and 1.7x over five seeds.
-# The bounds below leave room beyond those spreads; the seeds are fixed, so the test is repeatable.
+# The observed rate of a calibrated threshold varies with the reference sample. For the quantile
+# method with 20,000 references at 1 %, its relative standard deviation is about 7 % (binomial
+# estimate). The EVT extrapolation from 500 tail points to 0.1 % gave between 0.7x and 1.7x the
+# target over five seeds. The bounds below leave room beyond those spreads, and the seeds are fixed.
 def test_quantile_threshold_observed_rate_near_target():
     rate = 0.01
     threshold = fit_threshold("quantile", rate, normal_window_scores(20_000, seed=1), SIGNALS, AGGREGATE_STEPS)

@@ -50,9 +50,9 @@ def test_stable_across_processes():
     environment = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}
     child = subprocess.run([sys.executable, "-c", script], input=json.dumps(ENTITIES), capture_output=True,
                            text=True, check=True, env=environment, cwd=ROOT)
-    here = [[shard_of(entity, count) for count in range(1, 6)] for entity in ENTITIES]
+    in_this_process = [[shard_of(entity, count) for count in range(1, 6)] for entity in ENTITIES]
 
-    assert json.loads(child.stdout) == here
+    assert json.loads(child.stdout) == in_this_process
 
 
 def test_known_assignment():

@@ -1,7 +1,7 @@
 """PrometheusSource against fake servers: retries, final errors, malformed bodies, headers, TLS.
 
-A real Prometheus answers neither with a hung socket nor with a scripted 503 on demand, so these
-cases use the servers in faults.py. The chunking of range queries runs against a real Prometheus
+A real Prometheus cannot be made to hang or to return a 503 on demand, so these cases use the
+servers in faults.py. The chunking of range queries runs against a real Prometheus
 in test_frames.py.
 """
 
@@ -177,10 +177,10 @@ def test_accept_encoding_configurable():
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
-    made = self_signed_certificate(tmp_path_factory.mktemp("tls"))
-    if made is None:
-        pytest.skip("neither the cryptography package nor the openssl CLI is available to make a certificate")
-    return made
+    created = self_signed_certificate(tmp_path_factory.mktemp("tls"))
+    if created is None:
+        pytest.skip("neither the cryptography package nor the openssl CLI is available to create a certificate")
+    return created
 
 
 def test_tls_verification_on_by_default(certificate):

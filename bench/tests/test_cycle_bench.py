@@ -141,3 +141,17 @@ def test_markdown_table_has_row_per_measurement():
     rows = table.strip().splitlines()
     assert len(rows) == 4
     assert rows[2].startswith("| 1,000, 7d | score_cold | 1.000 | 0.500 |")
+
+
+def test_decode_alternative_matches_monitor():
+    import orjson
+
+    from bench.decode import response_body, unzip_pairs
+    from monitor.source import _parse_result
+
+    data = orjson.loads(response_body(series=3, points=5))["data"]
+    expected = _parse_result(data)
+    converted = unzip_pairs(data["result"])
+    for series, (timestamps, values) in zip(expected, converted):
+        np.testing.assert_array_equal(series.timestamps, timestamps)
+        np.testing.assert_array_equal(series.values, values)

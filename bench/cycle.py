@@ -14,6 +14,7 @@ Results go to <out>/results.json and <out>/results.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -27,9 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import requests
+import torch
 import yaml
 
+import monitor
 from bench import probes
+from bench.measure import DETECTOR
 from bench.synthetic import Dataset, backfill, metric_name
 from monitor.config import format_duration, parse_duration
 from monitor.frames import Frame
@@ -91,7 +95,11 @@ class PrometheusProcess:
             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=30d",
             "--storage.tsdb.min-block-duration=2h", "--storage.tsdb.max-block-duration=2h",
         ], stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        wait_ready(f"{self.url}/-/ready", timeout=120, process=self.popen)
+        try:
+            wait_ready(f"{self.url}/-/ready", timeout=120, process=self.popen)
+        except (RuntimeError, TimeoutError):
+            self.stop()
+            raise
 
     @property
     def url(self) -> str:
@@ -144,7 +152,7 @@ def resegment_history(storage: Path, steps: int = SEGMENT_STEPS) -> int:
     Returns the number of segments written. A steady-state history is made of these, and reading
     many small segments costs more than reading a few large ones.
     """
-    folder = storage / "bench" / "history"
+    folder = storage / DETECTOR / "history"
     fresh = folder.with_name("history.resegmented")
     shutil.rmtree(fresh, ignore_errors=True)
     written = 0
@@ -209,12 +217,19 @@ def bench_size(entities: int, history: str, workdir: Path, steady: int) -> dict:
     }
 
 
+def monitor_fingerprint() -> dict:
+    """Return where the measured monitor package was loaded from and a SHA-256 of its sources."""
+    package = Path(monitor.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return {"path": str(package), "sources_sha256": digest.hexdigest()}
+
+
 def machine() -> dict:
     memory_kib = int(next(line for line in open("/proc/meminfo") if line.startswith("MemTotal")).split()[1])
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "unknown")
     prometheus_version = subprocess.run([find_binary("prometheus"), "--version"], capture_output=True, text=True)
-    import torch
-
     return {
         "cpus": os.cpu_count(), "cpu_model": cpu, "memory_gib": round(memory_kib / 2**20, 1),
         "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
@@ -267,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for entities, history in args.size:
         results.append(bench_size(entities, history, args.workdir, args.steady))
-        report = {"machine": machine(), "command": " ".join(["python -m bench.cycle"] + (argv or sys.argv[1:])),
+        report = {"machine": machine(), "monitor": monitor_fingerprint(), "command": " ".join(["python -m bench.cycle"] + (argv or sys.argv[1:])),
                   "wall_seconds": time.monotonic() - began, "sizes": results}
         (args.out / "results.json").write_text(json.dumps(report, indent=2))
         (args.out / "results.md").write_text(markdown_table(results))

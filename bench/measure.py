@@ -53,7 +53,7 @@ def build_config(url: str, storage: Path, history_seconds: float, timeout: str =
 
 @dataclass
 class Probe:
-    """What one operation cost: wall time by phase, CPU of both processes, the service's memory."""
+    """The cost of one operation: wall time by phase, CPU time of the service and of Prometheus, peak memory."""
 
     prometheus_pid: int
     timers: probes.Timers

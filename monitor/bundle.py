@@ -21,8 +21,8 @@ def config_fingerprint(detector: DetectorConfig) -> str:
     """Hash the settings a saved model depends on; a model trained under others is not loaded."""
     relevant = {
         "entity_labels": detector.entity_labels,
-        # A list keeps the signal order, which fixes the network's input columns; a dict would
-        # be sorted by json.dumps, so a reordered config would load a model with shuffled inputs.
+        # A list keeps the signal order, which fixes the network's input columns. json.dumps
+        # sorts a dict, so a reordered config would load a model with shuffled inputs.
         "signals": list(detector.signals.items()),
         "step": detector.step,
         "window": detector.window,

@@ -219,7 +219,7 @@ class ScoreConfig(_Strict):
 
 
 class ThresholdConfig(_Strict):
-    method: Literal["chi2", "quantile", "evt"] = "quantile"
+    method: Literal["chi2", "quantile", "evt"] = "evt"
     false_alarm_rate: float = Field(default=0.001, gt=0, lt=0.5)
 
 

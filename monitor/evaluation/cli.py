@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from monitor.evaluation.datasets import DATA_DIR_ENV, DATASETS, DatasetError, resolve_data_dir
-from monitor.evaluation.methods import METHODS, FitError
+from monitor.evaluation.names import METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args) -> int:
+    from monitor.evaluation.methods import FitError
     from monitor.evaluation.runner import PROTOCOLS, Plan, run
 
     try:

@@ -58,8 +58,9 @@ def summarise(records: list[dict]) -> list[dict]:
     rows = []
     for (protocol, dataset, method), by_seed in groups.items():
         per_seed = [_seed_means(units) for units in by_seed.values()]
+        first_seed = next(iter(by_seed.values()))
         row = {"protocol": protocol, "dataset": dataset, "method": method, "seeds": len(per_seed),
-               "units": len(next(iter(by_seed.values())))}
+               "units": len(first_seed), "units_with_incidents": sum(u["events"] > 0 for u in first_seed)}
         for column, _ in SUMMARY_COLUMNS:
             values = np.array([s[column] for s in per_seed], dtype=float)
             finite = values[np.isfinite(values)]
@@ -121,7 +122,12 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def _format(value: float, spread: float = math.nan, rate: bool = False) -> str:
     if not math.isfinite(value):
         return "n/a"
-    text = f"{value:.2%}" if rate else (f"{value:.0f}" if abs(value) >= 100 else f"{value:.3f}")
+    if rate:
+        text = f"{value:.2%}"
+    elif abs(value) >= 100:
+        text = f"{value:.0f}"
+    else:
+        text = f"{value:.3f}"
     if math.isfinite(spread) and spread > 0:
         text += f" ± {spread:.2%}" if rate else f" ± {spread:.3f}"
     return text
@@ -131,7 +137,10 @@ def summary_markdown(rows: list[dict]) -> str:
     lines = []
     for (protocol, dataset) in sorted({(r["protocol"], r["dataset"]) for r in rows}):
         part = [r for r in rows if r["protocol"] == protocol and r["dataset"] == dataset]
-        lines += [f"### {dataset}, {protocol} protocol ({part[0]['units']} units)", "",
+        counts = f"{part[0]['units']} units"
+        if part[0]["units_with_incidents"] != part[0]["units"]:
+            counts += f", means over the {part[0]['units_with_incidents']} with incidents"
+        lines += [f"### {dataset}, {protocol} protocol ({counts})", "",
                   "| method | seeds | " + " | ".join(h for _, h in SUMMARY_COLUMNS) + " |",
                   "| --- | --- |" + " --- |" * len(SUMMARY_COLUMNS)]
         for row in part:

@@ -27,7 +27,7 @@ PROTOCOLS = {"static": run_static, "deployed": run_deployed}
 
 @dataclass
 class Plan:
-    """What one evaluation run covers; written to the results folder as it is."""
+    """The data sets, units, protocols, methods, seeds and overrides of one evaluation run."""
 
     data_dir: Path
     out: Path
@@ -42,7 +42,7 @@ class Plan:
 
 
 def build_detector(unit: Unit, overrides: dict) -> DetectorConfig:
-    """The service's default detector for a unit's signals and step, with the run's overrides."""
+    """Build the service's default detector for a unit's signals and step, with the run's overrides."""
     # The service scores once per step here, as the replay does.
     raw: dict = {"name": unit.dataset, "entity_labels": ["instance"], "step": unit.step,
                  "signals": {name: name for name in unit.signals}, "score": {"every": unit.step}}
@@ -65,7 +65,7 @@ def selected_units(plan: Plan, dataset: str) -> list[str]:
 
 
 def entity_records(unit: Unit, tracks: dict[str, Track], protocol: str, seed: int) -> list[dict]:
-    """One record per entity and method; entities of a multi-entity unit are scored separately."""
+    """Compute one metric record per entity and method; a multi-entity unit's entities count separately."""
     records = []
     for row, entity in enumerate(unit.frame.entities):
         name = unit.name if len(unit.frame.entities) == 1 else f"{unit.name}/{'/'.join(entity)}"

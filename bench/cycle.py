@@ -49,10 +49,9 @@ SEGMENT_STEPS = 120
 
 
 def plan_dataset(entities: int, history: float, steady: int, now: float) -> Dataset:
-    """Place the data so it ends one step before the last UTC midnight.
+    """Place the data so it ends one step before the last UTC midnight, so each day is one aligned block.
 
-    Each range then fills aligned promtool blocks, and the data extends `steady` steps and more
-    past the cold score cycle.
+    Raises ValueError when the history cannot hold one window (30 steps) and the steady cycles.
     """
     midnight = int(now // 86400) * 86400
     start = midnight - int(history)
@@ -149,8 +148,8 @@ def idle_cpu(pid: int, seconds: float = 5.0) -> float:
 def resegment_history(storage: Path, steps: int = SEGMENT_STEPS) -> int:
     """Cut the day-long segments of a backfill into the shorter ones that score cycles write.
 
-    Returns the number of segments written. A steady-state history is made of these, and reading
-    many small segments costs more than reading a few large ones.
+    Returns the number of segments written. The warm training then reads the file layout that a
+    service's history has after days of score cycles.
     """
     folder = storage / DETECTOR / "history"
     fresh = folder.with_name("history.resegmented")

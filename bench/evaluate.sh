@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the detection benchmark that docs/benchmarks-detection.md reports.
+# Run the detection benchmark that docs/benchmarks.md reports.
 # Needs ANOMALY_DATASETS_DIR (or --data-dir passed through EXTRA). Writes under results/.
 # The training budget (epochs, windows) and the retraining interval are cut so that the whole
 # run takes about 20 minutes on 2 CPU cores. Every other detector setting is the service

@@ -14,7 +14,7 @@ import numpy as np
 from monitor.bundle import ModelBundle, WindowScores, config_fingerprint
 from monitor.config import Config, DetectorConfig
 from monitor.exporter import DetectorView, EntityResult, Exposition, ModelInfo
-from monitor.frames import EntityKey, Frame, fetch_frame, fill_short_gaps, grid_floor
+from monitor.frames import EntityKey, Frame, entity_key, fetch_frame, fill_short_gaps, grid_floor
 from monitor.history import History, place_frames
 from monitor.persistence import load_latest, reset, save_bundle
 from monitor.sharding import Shard
@@ -249,11 +249,25 @@ class DetectorRuntime:
         start = grid_floor(end - self.detector.train.range, step) + step
         with self._history_lock:
             frame = self.history.read(start, end)
-        for gap_start, gap_end in self._uncovered(frame):
-            self._backfill(gap_start, gap_end)
-        with self._history_lock:
-            frame = self.history.read(start, end, keep=self._training_sample(frame))
-        return frame
+        gaps = self._uncovered(frame)
+        if gaps:
+            known = set(frame.entities) | set(self.last_seen) or self._current_entities()
+            sample = self._training_sample(known)
+            for gap_start, gap_end in gaps:
+                self._backfill(gap_start, gap_end, sample, series_count=len(known))
+            with self._history_lock:
+                frame = self.history.read(start, end)
+        keep = self._training_sample(frame.entities)
+        if keep is None:
+            return frame
+        return Frame(frame.start, frame.step, sorted(keep),
+                     frame.values[[i for i, e in enumerate(frame.entities) if e in keep]])
+
+    def _current_entities(self) -> set[EntityKey]:
+        """List this shard's entities with one instant query, to size and sample a cold backfill."""
+        query = next(iter(self.detector.signals.values()))
+        keys = {entity_key(series.labels, self.detector.entity_labels) for series in self.source.query_instant(query)}
+        return {key for key in keys if key is not None and self.shard.owns(key)}
 
     def _uncovered(self, frame: Frame) -> list[tuple[float, float]]:
         """Runs of at least one window of steps in which no entity has any value."""
@@ -271,27 +285,30 @@ class DetectorRuntime:
                 begin = None
         return [r for r in runs if r not in self._backfilled]
 
-    def _backfill(self, start: float, end: float) -> None:
+    def _backfill(self, start: float, end: float, keep: set[EntityKey] | None, series_count: int) -> None:
         name = self.detector.name
-        logger.info("detector %s: backfilling %d steps from Prometheus", name, int((end - start) / self.detector.step) + 1)
+        logger.info("detector %s: backfilling %d steps from Prometheus for %s entities", name,
+                    int((end - start) / self.detector.step) + 1, len(keep) if keep is not None else "all")
         self._backfilled.add((start, end))
         day = 86400.0
         chunk_start = start
         while chunk_start <= end:
             chunk_end = min(end, chunk_start + day - self.detector.step)
-            frame = self._own(fetch_frame(self.source, self.detector, chunk_start, chunk_end,
-                                          series_hint=max(len(self.last_seen), 1)))
+            # TODO: Prometheus still returns every entity; only the sample is kept after decoding,
+            # because PromQL has no generic way to pass an entity list into an arbitrary query.
+            frame = self._own(fetch_frame(self.source, self.detector, chunk_start, chunk_end, keep=keep,
+                                          series_hint=max(series_count, 1)))
             if frame.entities:
                 with self._history_lock:
                     self.history.write_segment(frame)
             chunk_start = chunk_end + self.detector.step
 
-    def _training_sample(self, frame: Frame) -> set[EntityKey] | None:
+    def _training_sample(self, entities) -> set[EntityKey] | None:
         """Pick at most `train.max_entities` entities by a stable hash, so each run reads the same ones."""
         limit = self.detector.train.max_entities
-        if len(frame.entities) <= limit:
+        if len(entities) <= limit:
             return None
-        ranked = sorted(frame.entities, key=lambda e: hashlib.sha256("\x00".join(e).encode()).digest())
+        ranked = sorted(entities, key=lambda e: hashlib.sha256("\x00".join(e).encode()).digest())
         return set(ranked[:limit])
 
     def close(self) -> None:

@@ -129,3 +129,23 @@ def test_shard_keeps_own_entities(tmp_path, count):
 
     expected = sorted((name,) for name in names if shard_of((name,), count) == 1)
     assert runtime.buffer.entities == expected
+
+
+def test_cold_training_reads_entity_sample(tmp_path):
+    from faults import vector_body
+
+    names = [f"node-{i}" for i in range(5)]
+    steps = 8 * 60  # train.range of the small detector: 8 h at a 60 s step
+    replies = [Reply(body=vector_body([({"instance": name}, NOW, "1") for name in names]))]
+    replies += [Reply(body=matrix_body(names, NOW - (steps - 1) * STEP, steps))]
+    with ScriptedServer(replies) as server:
+        runtime = runtime_against(server, tmp_path)
+        runtime.detector = runtime.detector.model_copy(
+            update={"train": runtime.detector.train.model_copy(update={"max_entities": 2})})
+        frame = runtime.training_frame(NOW)
+        runtime.close()
+
+    assert len(frame.entities) == 2
+    assert set(frame.entities) <= {(name,) for name in names}
+    assert server.requests[0].path.split("?")[0] == "/api/v1/query"
+    assert not np.isnan(frame.values).all()

@@ -116,7 +116,8 @@ def test_bench_size_end_to_end(tmp_path):
     assert result["check"] == {"series_per_signal": 5, "samples_per_signal": 5 * 360}
     assert list(by_name) == ["train_cold_history", "train_warm_history", "score_cold", "score_steady"]
     assert by_name["train_cold_history"]["accepted"]
-    assert by_name["train_cold_history"]["calls"]["http"] == len(SIGNALS)
+    # One instant query lists the entities to sample, then one range query per signal.
+    assert by_name["train_cold_history"]["calls"]["http"] == len(SIGNALS) + 1
     assert "http" not in by_name["train_warm_history"]["calls"]
     assert by_name["train_warm_history"]["history_segments"] == 3
     assert by_name["score_cold"]["entities_scored"] == 5

@@ -30,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text for people, json for log pipelines (default: text)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the service: score and train on schedule, serve /metrics")
+    run = commands.add_parser(
+        "run", help="run the service: score and train on schedule, serve /metrics",
+        description="Run the service until SIGTERM or Ctrl-C: score every detector each score.every, "
+                    "retrain each train.every, and serve /metrics, /healthz and /readyz on `listen`.")
     _add_config(run)
 
     check = commands.add_parser("check-config", help="validate a config file")

@@ -202,6 +202,15 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def _poll_like_tests(stack: NodeStack, stop: threading.Event) -> None:
+    """Query Prometheus every second, as the tests later do, so that load is part of normal."""
+    while not stop.wait(1.0):
+        try:
+            stack.query('anomaly_score{detector="node"} - anomaly_threshold{detector="node"}')
+        except requests.RequestException:
+            pass
+
+
 @pytest.fixture(scope="session")
 def node_service(node_stack, tmp_path_factory):
     """Start the service with a model that `anomaly-monitor train` fitted on gathered metrics.
@@ -214,10 +223,14 @@ def node_service(node_stack, tmp_path_factory):
     config_file.write_text(yaml.safe_dump(node_config(node_stack, folder / "storage")))
     service = ServiceProcess(config_file, node_stack.service_port, folder / "service.log")
     service.start()
+    polling = threading.Event()
+    poller = threading.Thread(target=_poll_like_tests, args=(node_stack, polling), daemon=True)
+    poller.start()
     try:
         remaining = node_stack.started + GATHER_SECONDS - time.time()
         if remaining > 0:
             time.sleep(remaining)
+        polling.set()
         result = run_cli("train", "--config", str(config_file))
         assert result.returncode == 0, f"train failed:\n{result.stdout}\n{result.stderr}"
         service.stop()

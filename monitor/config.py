@@ -327,10 +327,10 @@ def _describe(error: dict) -> str:
     # A mapping is the input of a cross-field check, whose message already names the values.
     if isinstance(found, dict) or "found" in message:
         return f"{where}: {message}"
-    shown = repr(found)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    return f"{where}: {message} (found {shown})"
+    found_text = repr(found)
+    if len(found_text) > 80:
+        found_text = found_text[:77] + "..."
+    return f"{where}: {message} (found {found_text})"
 
 
 def _apply_shard_environment(raw: dict) -> dict:

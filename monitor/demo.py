@@ -61,9 +61,9 @@ def _spin(stop: multiprocessing.Event) -> None:
 
 
 def _grow_memory(stop: multiprocessing.Event, megabytes_per_second: int = 80) -> None:
-    held = []
+    allocations = []
     while not stop.is_set():
-        held.append(bytearray(megabytes_per_second * 1024 * 1024))
+        allocations.append(bytearray(megabytes_per_second * 1024 * 1024))
         time.sleep(1)
 
 

@@ -294,8 +294,8 @@ class DetectorRuntime:
         chunk_start = start
         while chunk_start <= end:
             chunk_end = min(end, chunk_start + day - self.detector.step)
-            # TODO: Prometheus still returns every entity; only the sample is kept after decoding,
-            # because PromQL has no generic way to pass an entity list into an arbitrary query.
+            # TODO: Prometheus still returns every entity, and only the sample is kept after
+            # decoding. PromQL has no generic way to pass an entity list into any query.
             frame = self._own(fetch_frame(self.source, self.detector, chunk_start, chunk_end, keep=keep,
                                           series_hint=max(series_count, 1)))
             if frame.entities:

@@ -46,15 +46,18 @@ def grid_floor(moment: float, step: float) -> float:
     return np.floor(moment / step + 1e-9) * step
 
 
+def _grid_positions(timestamps: np.ndarray, start: float, step: float, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return each sample's grid index and whether it lies on a grid point (to a millisecond's rounding)."""
+    position = (timestamps - start) / step
+    index = np.rint(position).astype(np.int64)
+    on_grid = (index >= 0) & (index < length) & (np.abs(position - index) * step < 1e-3 + 1e-6 * step)
+    return index, on_grid
+
+
 def align(series: Series, start: float, step: float, length: int) -> np.ndarray:
     """Place samples onto the grid; missing steps and non-finite values become NaN."""
     out = np.full(length, np.nan)
-    if series.timestamps.size == 0:
-        return out
-    position = (series.timestamps - start) / step
-    index = np.rint(position).astype(np.int64)
-    # A sample counts for a grid point only if it lies on it (to a millisecond's rounding).
-    on_grid = (index >= 0) & (index < length) & (np.abs(position - index) * step < 1e-3 + 1e-6 * step)
+    index, on_grid = _grid_positions(series.timestamps, start, step, length)
     values = series.values[on_grid]
     out[index[on_grid]] = np.where(np.isfinite(values), values, np.nan)
     return out
@@ -116,9 +119,7 @@ def _scatter(values: np.ndarray, column: int, chosen: dict[EntityKey, Series], r
     timestamps = np.concatenate([series.timestamps for _, series in parts])
     samples = np.concatenate([series.values for _, series in parts])
 
-    position = (timestamps - start) / step
-    index = np.rint(position).astype(np.int64)
-    on_grid = (index >= 0) & (index < values.shape[1]) & (np.abs(position - index) * step < 1e-3 + 1e-6 * step)
+    index, on_grid = _grid_positions(timestamps, start, step, values.shape[1])
     samples = samples[on_grid]
     values[rows[on_grid], index[on_grid], column] = np.where(np.isfinite(samples), samples, np.nan)
 

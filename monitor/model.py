@@ -49,7 +49,7 @@ def _masked_mse(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.
 
 
 def _as_tensors(inputs: np.ndarray, targets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Missing target cells (NaN) are excluded from the loss through the mask; the network sees
+    # Missing target cells (NaN) are excluded from the loss through the mask; the network receives
     # them as 0, the median after scaling.
     mask = ~np.isnan(targets)
     return (

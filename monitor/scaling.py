@@ -42,7 +42,7 @@ def _center_and_scale(data: np.ndarray) -> tuple[float, float]:
     spread = (high - low) / _IQR_TO_SIGMA
     if spread <= 0:
         # A signal that is constant most of the time (an error rate at zero) still varies now and
-        # then; its standard deviation keeps those blips from looking infinitely rare.
+        # then. Its standard deviation keeps those blips from looking infinitely rare.
         spread = float(np.std(data))
     floor = max(RELATIVE_SCALE_FLOOR * abs(median), ABSOLUTE_SCALE_FLOOR)
     return float(median), max(float(spread), floor)

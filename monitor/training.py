@@ -147,7 +147,7 @@ class Trainer:
         # on normal steps from 11.5 % to 3.1 % and raised AUC-PR from 0.29 to 0.35.
         # NOTE: an incident inside the held-out part now raises that model's threshold.
         # Scoring every window with the serving model would cost more than the training itself
-        # at thousands of entities, so only a sample twice the budget is checked; the flagged
+        # at thousands of entities, so only a sample twice the budget is checked. The flagged
         # count is of that sample.
         training = subsample(training, 2 * detector.train.max_windows, rng)
         validation = subsample(validation, 2 * max(detector.train.max_windows // 4, 64), rng)

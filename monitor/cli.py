@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", help="folder for the demo's data (default: a new temporary folder)")
     demo.add_argument("--anomaly", default="cpu", choices=["cpu", "memory", "network"],
                       help="the misbehaviour to inject (default: cpu)")
-    demo.add_argument("--learn", type=float, default=120, help="seconds of normal behaviour to learn from (default: 120)")
+    demo.add_argument("--learn", type=float, default=90,
+                      help="seconds of each of the two learning phases, before and while the service scores (default: 90)")
     demo.add_argument("--anomaly-duration", type=float, default=45, help="seconds the anomaly lasts (default: 45)")
     demo.add_argument("--keep-running", action="store_true", help="leave everything running after the demo until Ctrl-C")
 

@@ -45,6 +45,12 @@ def require_binaries(*names: str) -> None:
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
+
+def pytest_collection_modifyitems(items):
+    # A stable sort keeps the collected order within each group.
+    items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)
+
+
 # The shipped rules wait minutes; the end-to-end copy keeps their logic at a 1 s scrape.
 FAST_RULES = [
     (r"\[3m\]", "[15s]"),

@@ -45,7 +45,8 @@ def check_config(config: Config, connect: bool) -> int:
     finally:
         source.close()
     if failures:
-        print(f"{failures} signal(s) failed; fix their queries before running the service")
+        print(f"{failures} signal(s) failed; fix what each FAIL line names (the query, or the Prometheus "
+              "URL, credentials and TLS settings) before running the service")
         return 1
     print("every signal returned series with the entity labels")
     return 0

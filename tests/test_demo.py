@@ -22,7 +22,7 @@ DEMO_TIMEOUT_SECONDS = 600
 
 @pytest.mark.runs_last
 def test_demo_cpu_burn_detected_and_recovered(tmp_path):
-    require_binaries("prometheus", "prometheus-node-exporter")
+    require_binaries("prometheus", "node-exporter")
     environment = {key: value for key, value in os.environ.items() if not key.startswith("ANOMALY_MONITOR_")}
 
     finished = subprocess.run(

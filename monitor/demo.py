@@ -142,7 +142,7 @@ def _report(phase: str, reading: tuple[float, float] | None) -> bool | None:
 
 
 def _watch(prometheus: str, instance: str, phase: str, seconds: float, until=None) -> bool:
-    """Print readings for `seconds`; return whether one was above, or with `until`, whether a reading met it."""
+    """Print readings for `seconds` and return whether one was above, or with `until`, whether one met it."""
     deadline = time.monotonic() + seconds
     seen = False
     while time.monotonic() < deadline:
@@ -169,7 +169,7 @@ def run_demo(args) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     stack = LocalStack(workdir)
     # SIGTERM would end the process without the cleanup below and leave Prometheus and
-    # node-exporter running; as an interrupt it stops them like Ctrl-C does.
+    # node-exporter running. Raised as an interrupt, it stops them as Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _run(args, workdir, stack)
@@ -216,8 +216,11 @@ def _scenario(args, service, prometheus: str, node: str) -> int:
 
     print("Waiting for a normal baseline:")
     # For a scrape or two after retraining, Prometheus still returns the first model's threshold.
-    _watch(prometheus, node, "baseline", 60,
-           until=lambda score, served: math.isclose(served, threshold, rel_tol=1e-6) and _below(score, served))
+    settled = _watch(prometheus, node, "baseline", 60,
+                     until=lambda score, served: math.isclose(served, threshold, rel_tol=1e-6) and _below(score, served))
+    if not settled:
+        print("The score did not settle below the threshold; the detection below proves little. "
+              "Rerun on a quieter machine, or with a longer --learn.")
 
     print(f"\nInjecting a {args.anomaly} anomaly for {args.anomaly_duration:.0f}s:")
     anomaly = Anomaly(args.anomaly)
@@ -229,15 +232,19 @@ def _scenario(args, service, prometheus: str, node: str) -> int:
 
     print("\nAnomaly stopped; waiting for the score to fall back:")
     recovered = _watch(prometheus, node, "recovery", 120, until=_below)
-    print(f"\nDetected: {'yes' if detected else 'NO'}; recovered: {'yes' if recovered else 'NO'}")
+    print(f"\nBaseline normal: {_yes(settled)}; Detected: {_yes(detected)}; recovered: {_yes(recovered)}")
     if args.keep_running:
         print("Still running; press Ctrl-C to stop.")
         _wait_forever()
-    return 0 if detected and recovered else 1
+    return 0 if settled and detected and recovered else 1
+
+
+def _yes(passed: bool) -> str:
+    return "yes" if passed else "NO"
 
 
 def _learn(args, service) -> float | None:
-    """Learn in two phases; return the threshold of the model that then serves, or None."""
+    """Learn in two phases and return the threshold of the model that then serves, or None."""
     print(f"\nLearning normal behaviour for {args.learn:.0f}s ...")
     time.sleep(args.learn)
     if _train(service, reset_first=False) is None:

@@ -30,5 +30,5 @@ def test_demo_cpu_burn_detected_and_recovered(tmp_path):
         capture_output=True, text=True, cwd=ROOT, env=environment, timeout=DEMO_TIMEOUT_SECONDS)
 
     assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-4000:]
-    assert "Detected: yes; recovered: yes" in finished.stdout
+    assert "Baseline normal: yes; Detected: yes; recovered: yes" in finished.stdout
     assert "http://127.0.0.1:" in finished.stdout

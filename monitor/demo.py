@@ -250,10 +250,8 @@ def _learn(args, service) -> float | None:
     if _train(service, reset_first=False) is None:
         return None
 
-    # Serving adds its own load: a query, a forward pass and a scrape every second move CPU,
-    # context switches and loopback traffic a little. A model that learnt only the quiet
-    # minutes before would flag that load for good, so it learns again from scratch while it
-    # serves.
+    # Scoring adds its own load every second (a query, a forward pass, a scrape). A model of the
+    # quiet minutes alone would flag that load for good, so the second phase starts from scratch.
     print(f"Learning again for {args.learn:.0f}s while the service scores, so that its own load counts as normal ...")
     time.sleep(args.learn)
     return _train(service, reset_first=True)

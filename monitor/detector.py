@@ -123,8 +123,7 @@ class DetectorRuntime:
         """Keep only this shard's entities."""
         if self.shard.count == 1:
             return frame
-        rows = [i for i, e in enumerate(frame.entities) if self.shard.owns(e)]
-        return Frame(frame.start, frame.step, [frame.entities[i] for i in rows], frame.values[rows], frame.dropped)
+        return frame.select(self.shard.owns)
 
     def _remember(self, frame: Frame, now: float) -> None:
         observed = ~np.all(np.isnan(frame.values), axis=(1, 2))
@@ -260,8 +259,7 @@ class DetectorRuntime:
         keep = self._training_sample(frame.entities)
         if keep is None:
             return frame
-        return Frame(frame.start, frame.step, sorted(keep),
-                     frame.values[[i for i, e in enumerate(frame.entities) if e in keep]])
+        return frame.select(keep.__contains__)
 
     def _current_entities(self) -> set[EntityKey]:
         """List this shard's entities with one instant query, to size and sample a cold backfill."""

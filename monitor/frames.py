@@ -40,6 +40,11 @@ class Frame:
     def entity_index(self) -> dict[EntityKey, int]:
         return {key: i for i, key in enumerate(self.entities)}
 
+    def select(self, include) -> Frame:
+        """Return a frame with only the entities for which `include(entity)` is true, in their order."""
+        rows = [i for i, entity in enumerate(self.entities) if include(entity)]
+        return Frame(self.start, self.step, [self.entities[i] for i in rows], self.values[rows], self.dropped)
+
 
 def grid_floor(moment: float, step: float) -> float:
     """Return the last grid point at or before `moment`; grid points are multiples of `step`."""

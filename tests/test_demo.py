@@ -1,6 +1,6 @@
 """`anomaly-monitor demo` as a new user runs it: its own Prometheus, node-exporter and workload.
 
-The demo burns CPU on the machine that the session's node-exporters also watch, so it runs
+The demo burns CPU on the machine that the shared test node-exporters also watch, so it runs
 after every other test (see the `runs_last` marker in conftest.py).
 """
 

@@ -358,8 +358,6 @@ class UntrainedNetwork(ErrorScore):
         return self.fit_from(bundle, frame)
 
 
-# Names accepted by --methods, in the order tables list them.
-from monitor.evaluation.names import BASELINES, METHODS  # noqa: E402 - kept light for the CLI's import
 # Methods scored from the product's trained network; they are refitted whenever it is.
 DERIVED = {"product_error_norm": ProductErrorNorm, "product_diag_gauss": DiagonalGaussian}
 INDEPENDENT = {"random": RandomScore, "input_l2": InputNorm, "pca_error": PcaError,

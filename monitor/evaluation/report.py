@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monitor.evaluation.methods import METHODS
+from monitor.evaluation.names import METHODS
 
 logger = logging.getLogger(__name__)
 

@@ -200,7 +200,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(default=128, ge=1)
     learning_rate: float = Field(default=1e-3, gt=0, le=1)
     validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
-    holdout_fraction: float = Field(default=0.2, gt=0, lt=0.5)
+    holdout_fraction: float = Field(default=0.4, gt=0, lt=0.5)
     max_error_increase: float = Field(default=1.5, gt=1)
     max_condition_number: float = Field(default=1e10, gt=1)
     warm_start: bool = True

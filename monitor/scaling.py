@@ -1,4 +1,4 @@
-"""Per-entity robust scaling: centre on the median, divide by a floored IQR-based scale."""
+"""Per-entity robust scaling: centre on the median, divide by a floored, IQR-based spread."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import numpy as np
 
 # IQR / 1.349 estimates the standard deviation of a normal distribution.
 _IQR_TO_SIGMA = 1.349
+# The spread is at least this share of the standard deviation. See _center_and_scale.
+STD_SHARE_FLOOR = 0.3
 # Floors keep a constant signal finite: relative to its level, and absolute for a signal at zero.
 RELATIVE_SCALE_FLOOR = 1e-3
 ABSOLUTE_SCALE_FLOOR = 1e-6
@@ -39,11 +41,12 @@ def fit_scaler(values: np.ndarray) -> Scaler:
 
 def _center_and_scale(data: np.ndarray) -> tuple[float, float]:
     low, median, high = np.percentile(data, [25, 50, 75])
-    spread = (high - low) / _IQR_TO_SIGMA
-    if spread <= 0:
-        # A signal that is constant most of the time (an error rate at zero) still varies now and
-        # then. Its standard deviation keeps those blips from looking infinitely rare.
-        spread = float(np.std(data))
+    # A signal that sits still most of the time and moves in bursts (an error rate at zero, a
+    # disk written now and then) has an IQR near 0. An ordinary burst would then be thousands
+    # of units and outweigh every other signal, in scores and thresholds alike. A share of the
+    # standard deviation measures it by the size of its bursts instead. For a bell-shaped
+    # signal, the IQR-based spread is the larger and wins.
+    spread = max((high - low) / _IQR_TO_SIGMA, STD_SHARE_FLOOR * float(np.std(data)))
     floor = max(RELATIVE_SCALE_FLOOR * abs(median), ABSOLUTE_SCALE_FLOOR)
     return float(median), max(float(spread), floor)
 

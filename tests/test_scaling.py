@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from monitor.scaling import ABSOLUTE_SCALE_FLOOR, RELATIVE_SCALE_FLOOR, fit_scaler, observed_steps
+from monitor.scaling import ABSOLUTE_SCALE_FLOOR, RELATIVE_SCALE_FLOOR, STD_SHARE_FLOOR, fit_scaler, observed_steps
 
 
 def test_normal_signal_median_and_iqr():
@@ -46,7 +46,19 @@ def test_mostly_constant_signal_uses_standard_deviation():
     scaler = fit_scaler(values)
 
     assert scaler.center[0] == 0.0
-    assert scaler.scale[0] == np.std(values)
+    assert scaler.scale[0] == STD_SHARE_FLOOR * np.std(values)
+
+
+def test_bursty_signal_is_measured_by_its_bursts():
+    rng = np.random.default_rng(1)
+    values = rng.normal(0.0, 1e-4, size=(2000, 1))
+    values[::50] += 1.0
+    scaler = fit_scaler(values)
+    burst = scaler.transform(np.array([[1.0]]))[0, 0]
+
+    # The IQR alone would make an ordinary burst about 10,000 units.
+    assert scaler.scale[0] == STD_SHARE_FLOOR * np.std(values)
+    assert 1.0 < burst < 30.0
 
 
 def test_all_nan_signal_gets_identity():

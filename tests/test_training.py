@@ -74,7 +74,11 @@ def test_no_flagged_windows_without_current_model():
     assert outcome.windows_excluded["flagged"] == 0
 
 
-def anomalous_frame(first_step: int = 300, length: int = 30):
+# Inside the training part with the default split, where flagged windows are dropped.
+ANOMALY_START, ANOMALY_LENGTH = 120, 30
+
+
+def anomalous_frame(first_step: int = ANOMALY_START, length: int = ANOMALY_LENGTH):
     values = normal_values()
     values[1, first_step:first_step + length, 0] += 5.0
     return synthetic_frame(values)
@@ -83,8 +87,8 @@ def anomalous_frame(first_step: int = 300, length: int = 30):
 def test_flagged_windows_excluded(serving_bundle):
     detector = detector_config()
     outcome = Trainer(detector).train(anomalous_frame(), serving_bundle)
-    # Every window whose scored steps (its last aggregate_steps) touch the 30 anomalous steps.
-    anomalous_windows = 30 + detector.score.aggregate_steps - 1
+    # Every window whose scored steps (its last aggregate_steps) touch the anomalous steps.
+    anomalous_windows = ANOMALY_LENGTH + detector.score.aggregate_steps - 1
 
     assert outcome.windows_excluded["flagged"] >= anomalous_windows
 
@@ -97,7 +101,8 @@ def test_flagged_windows_cover_the_anomaly(serving_bundle):
     normal_windows, _ = trainer._drop_flagged(frame, windows, serving_bundle)
     scored_first = normal_windows.starts + detector.window - detector.score.aggregate_steps
     scored_last = normal_windows.starts + detector.window - 1
-    touches = (normal_windows.rows == 1) & (scored_last >= 300) & (scored_first < 330)
+    end = ANOMALY_START + ANOMALY_LENGTH
+    touches = (normal_windows.rows == 1) & (scored_last >= ANOMALY_START) & (scored_first < end)
 
     assert not touches.any()
 

@@ -108,7 +108,7 @@ class PointModel:
 
     def fit(self, frame: Frame, seed: int, previous: Fitted | None) -> Fitted:
         split = split_points(frame.values.shape[1], self.detector)
-        scalers, pooled = fit_scalers(frame, split.validation_start, self.detector)
+        scalers, pooled = fit_scalers(frame, self.detector)
         scaler_for = lambda entity: scalers.get(entity, pooled)  # noqa: E731
         scaled = self._scaled(frame, scaler_for)
         points = scaled[:, :split.holdout_start, :].reshape(-1, scaled.shape[-1])
@@ -348,7 +348,7 @@ class UntrainedNetwork(ErrorScore):
     def fit(self, frame: Frame, seed: int, previous: Fitted | None) -> Fitted:
         detector = self.detector
         split = split_points(frame.values.shape[1], detector)
-        scalers, pooled = fit_scalers(frame, split.validation_start, detector)
+        scalers, pooled = fit_scalers(frame, detector)
         signals = len(detector.signals)
         network = LSTMAutoencoder(signals, signals, detector.model.hidden_size, detector.model.latent_size,
                                   detector.model.layers)

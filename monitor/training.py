@@ -111,11 +111,11 @@ def subsample(windows: WindowSet, budget: int, rng: np.random.Generator) -> Wind
 
 
 def fit_scalers(frame: Frame, detector: DetectorConfig) -> tuple[dict[EntityKey, Scaler], Scaler]:
-    """Fit each entity's scaler on the whole range; entities with too few steps keep the pooled one.
+    """Fit each entity's scaler on the whole range. Entities with too few steps keep the pooled one.
 
-    The held-out part is included, so that the centre and the spread describe the most recent
-    level, which the next scores are compared with. Fitted on the training part alone, they
-    lagged the held-out part by days, and every level shift in between became a false alarm.
+    The held-out part is included, so that the centre and the spread describe the latest level,
+    which the next scores are compared with. Fitted on the training part alone, they lagged the
+    end of the range by days, so a level shift in between showed as a false alarm.
     """
     pooled = fit_scaler(frame.values)
     minimum = 2 * detector.window

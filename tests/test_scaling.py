@@ -49,7 +49,7 @@ def test_mostly_constant_signal_uses_standard_deviation():
     assert scaler.scale[0] == STD_SHARE_FLOOR * np.std(values)
 
 
-def test_bursty_signal_is_measured_by_its_bursts():
+def test_bursty_signal_scaled_by_bursts():
     rng = np.random.default_rng(1)
     values = rng.normal(0.0, 1e-4, size=(2000, 1))
     values[::50] += 1.0

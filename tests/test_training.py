@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fixtures_unit import START, STEP, detector_config, normal_values, synthetic_frame, train_bundle
-from monitor.training import Trainer, TrainingError, candidate_windows, split_by_time
+from monitor.training import Trainer, TrainingError, candidate_windows, fit_scalers, split_by_time
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +169,15 @@ def test_split_by_time_is_disjoint():
 
     assert training_last < validation.starts.min()
     assert validation_last < holdout.starts.min()
+
+
+def test_scalers_fitted_on_held_out_part():
+    values = normal_values()
+    held_out_start = int(values.shape[1] * (1 - detector_config().train.holdout_fraction))
+    values[:, held_out_start:, 0] += 10.0
+    frame = synthetic_frame(values)
+    scalers, _ = fit_scalers(frame, detector_config())
+    training_spread = float(np.std(values[0, :held_out_start, 0]))
+
+    # A scaler of the training part alone would not know the held-out level, 10 higher.
+    assert scalers[frame.entities[0]].scale[0] > 10 * training_spread

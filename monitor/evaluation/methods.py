@@ -347,7 +347,6 @@ class UntrainedNetwork(ErrorScore):
 
     def fit(self, frame: Frame, seed: int, previous: Fitted | None) -> Fitted:
         detector = self.detector
-        split = split_points(frame.values.shape[1], detector)
         scalers, pooled = fit_scalers(frame, detector)
         signals = len(detector.signals)
         network = LSTMAutoencoder(signals, signals, detector.model.hidden_size, detector.model.latent_size,

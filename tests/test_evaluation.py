@@ -132,3 +132,31 @@ def test_reduced_run_both_protocols(tmp_path):
     for protocol in ("static", "deployed"):
         picture = out / "pictures" / f"asd-omi-2-{protocol}.png"
         assert picture.stat().st_size > 1000
+
+
+def test_jobs_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["evaluate", "--data-dir", str(tmp_path), "--jobs", "0"])
+    assert raised.value.code == 2
+    assert "--jobs" in capsys.readouterr().err
+
+
+def _per_unit_rows(out: Path) -> list[dict]:
+    with open(out / "per_unit.csv", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_parallel_units_give_the_same_records(tmp_path):
+    data_dir = _data_dir()
+    common = ["evaluate", "--data-dir", str(data_dir), "--dataset", "asd", "--units", "omi-2,omi-3",
+              "--protocol", "static", "--methods", "product,pca_mahalanobis", "--seeds", "0",
+              "--epochs", "1", "--max-windows", "256", "--torch-threads", "1"]
+
+    assert main(common + ["--out", str(tmp_path / "serial")]) == 0
+    assert main(common + ["--jobs", "2", "--out", str(tmp_path / "parallel")]) == 0
+
+    serial = _per_unit_rows(tmp_path / "serial")
+    parallel = _per_unit_rows(tmp_path / "parallel")
+    assert [row["unit"] for row in parallel] == ["omi-2", "omi-2", "omi-3", "omi-3"]
+    assert parallel == serial
+    assert (tmp_path / "parallel" / "pictures" / "asd-omi-3-static.png").stat().st_size > 1000

@@ -8,6 +8,7 @@ from scipy import stats
 
 from monitor.scoring import (
     EIGENVALUE_FLOOR,
+    cross_fitted_scores,
     fit_error_statistics,
     fit_threshold,
     mahalanobis_terms,
@@ -242,3 +243,66 @@ def test_no_finite_reference_raises():
 def test_unknown_method_raises():
     with pytest.raises(ValueError, match="unknown threshold method 'median'"):
         fit_threshold("median", 0.01, normal_window_scores(100, seed=8), SIGNALS, AGGREGATE_STEPS)
+
+
+# ---- cross-fitted reference scores ----------------------------------------------------------------
+
+
+def held_out_windows(windows: int, shift: float, seed: int = 0) -> np.ndarray:
+    """Errors [window, AGGREGATE_STEPS, SIGNALS]; signal 0 moves by `shift` in the second half."""
+    errors = np.random.default_rng(seed).standard_normal((windows, AGGREGATE_STEPS, SIGNALS))
+    errors[windows // 2:, :, 0] += shift
+    return errors
+
+
+def in_sample_scores(tail: np.ndarray) -> np.ndarray:
+    statistics = fit_error_statistics(tail.reshape(-1, SIGNALS))
+    return window_scores(mahalanobis_terms(tail, statistics))[0]
+
+
+def test_each_half_scored_against_the_other_halfs_mean():
+    tail = held_out_windows(400, shift=0.0)
+    earlier = np.arange(400) < 200
+    statistics = fit_error_statistics(tail.reshape(-1, SIGNALS))
+
+    scores = cross_fitted_scores(tail, earlier, statistics)
+
+    centered = tail[earlier] - tail[~earlier].reshape(-1, SIGNALS).mean(axis=0)
+    expected = (centered * (centered @ statistics.precision)).sum(axis=2).mean(axis=1)
+    np.testing.assert_allclose(scores[earlier], expected)
+
+
+def test_cross_fitted_reference_sees_drift_between_halves():
+    earlier = np.arange(400) < 200
+    steady = held_out_windows(400, shift=0.0)
+    drifting = held_out_windows(400, shift=2.0)
+
+    def threshold(scores):
+        return fit_threshold("quantile", 0.01, scores, SIGNALS, AGGREGATE_STEPS).value
+
+    def cross_fitted(tail):
+        return cross_fitted_scores(tail, earlier, fit_error_statistics(tail.reshape(-1, SIGNALS)))
+
+    # Without drift both references agree. With drift, only the cross-fitted one rises.
+    assert threshold(cross_fitted(steady)) == pytest.approx(threshold(in_sample_scores(steady)), rel=0.25)
+    assert threshold(cross_fitted(drifting)) > 1.2 * threshold(in_sample_scores(drifting))
+
+
+def test_cross_fitted_reference_bounded_for_a_still_half():
+    # Signal 0 is constant through the first half and moves in the second, as flat signals on SMD do.
+    tail = held_out_windows(400, shift=0.0)
+    tail[:200, :, 0] = 0.0
+    earlier = np.arange(400) < 200
+
+    scores = cross_fitted_scores(tail, earlier, fit_error_statistics(tail.reshape(-1, SIGNALS)))
+
+    assert scores.max() < 10 * in_sample_scores(tail).max()
+
+
+def test_small_half_scored_in_sample():
+    tail = held_out_windows(10, shift=0.0)
+    earlier = np.arange(10) < 1
+
+    scores = cross_fitted_scores(tail, earlier, fit_error_statistics(tail.reshape(-1, SIGNALS)))
+
+    np.testing.assert_allclose(scores, in_sample_scores(tail))

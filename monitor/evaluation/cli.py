@@ -31,6 +31,16 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, found {text!r}")
+    return value
+
+
 def add_evaluate_parser(commands) -> argparse.ArgumentParser:
     parser = commands.add_parser(
         "evaluate", help="train and score labelled data sets; write metrics and baselines",
@@ -54,6 +64,9 @@ def add_evaluate_parser(commands) -> argparse.ArgumentParser:
                         help="how many of those seeds the as-deployed replay runs (default: 1)")
     parser.add_argument("--out", help="results folder (default: results/evaluate-<UTC time>)")
     parser.add_argument("--torch-threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--jobs", type=_positive, default=1,
+                        help="units evaluated at once, one process each (default: 1); the results are "
+                             "the same as with 1")
     _add_overrides(parser)
     return parser
 
@@ -104,7 +117,8 @@ def run_evaluate(args) -> int:
         max_units=args.max_units, protocols=list(PROTOCOLS) if args.protocol == "both" else [args.protocol],
         methods=args.methods, seeds=args.seeds, deployed_seeds=max(args.deployed_seeds, 1),
         overrides={path: getattr(args, option) for option, (path, _, _) in OVERRIDES.items()
-                   if getattr(args, option) is not None})
+                   if getattr(args, option) is not None},
+        jobs=args.jobs, torch_threads=args.torch_threads)
     try:
         return run(plan)
     except ValidationError as error:

@@ -10,7 +10,7 @@ window that ends at each step, and every baseline averages its step scores over 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -122,8 +122,11 @@ class PointModel:
             target_scaled = self._scaled(target, scaler_for)
             return rolling_mean(self._step_scores(target_scaled), self.detector.score.aggregate_steps)
 
-        reference = _holdout(scorer(frame), frame, self.detector)
+        reference = self._reference(scorer, frame)
         return Fitted(self.name, _threshold(self.detector, reference, self.mahalanobis), scorer)
+
+    def _reference(self, scorer, frame: Frame) -> np.ndarray:
+        return _holdout(scorer(frame), frame, self.detector)
 
     def _scaled(self, frame: Frame, scaler_for) -> np.ndarray:
         filled = fill_short_gaps(frame.values, self.detector.score.fill_gaps)
@@ -197,6 +200,34 @@ class PcaMahalanobis(PcaError):
         if held_out.shape[0] < 2:
             raise FitError("pca_mahalanobis: no complete held-out steps for the error statistics")
         self.statistics = fit_error_statistics(self._residuals(held_out))
+        self.halves = self._half_means(scaled, split)
+
+    def _half_means(self, scaled, split) -> list[tuple[int, int, np.ndarray]]:
+        """Mean residual of each half of the held-out part in time, for the cross-fitted reference."""
+        middle = split.holdout_start + (scaled.shape[1] - split.holdout_start) // 2
+        halves = []
+        for first, stop in ((split.holdout_start, middle), (middle, scaled.shape[1])):
+            points = scaled[:, first:stop, :].reshape(-1, scaled.shape[-1])
+            points = points[~np.isnan(points).any(axis=1)]
+            if points.shape[0] < 2:
+                return []
+            halves.append((first, stop, self._residuals(points).mean(axis=0)))
+        return halves
+
+    def _reference(self, scorer, frame: Frame) -> np.ndarray:
+        """Score each held-out half against the other half's mean, as the product's Trainer does."""
+        if not self.halves:
+            return super()._reference(scorer, frame)
+        whole = self.statistics
+        parts = []
+        try:
+            for (first, stop, _), (_, _, other_mean) in zip(self.halves, self.halves[::-1]):
+                self.statistics = replace(whole, mean=other_mean)
+                part = scorer(frame)[:, first + self.detector.score.aggregate_steps - 1:stop]
+                parts.append(part[np.isfinite(part)])
+        finally:
+            self.statistics = whole
+        return np.concatenate(parts)
 
     def _score_points(self, points):
         return mahalanobis_terms(self._residuals(points), self.statistics).sum(axis=1)

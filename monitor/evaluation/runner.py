@@ -7,7 +7,9 @@ import logging
 import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,8 @@ class Plan:
     seeds: list[int]
     deployed_seeds: int
     overrides: dict = field(default_factory=dict)
+    jobs: int = 1
+    torch_threads: int | None = None
 
 
 def build_detector(unit: Unit, overrides: dict) -> DetectorConfig:
@@ -107,17 +111,40 @@ def run(plan: Plan) -> int:
     for dataset in plan.datasets:
         names = selected_units(plan, dataset)
         logger.info("%s: %d units: %s", dataset, len(names), ", ".join(names))
-        for index, name in enumerate(names, 1):
-            unit = load_unit(plan.data_dir, dataset, name)
-            detector = build_detector(unit, plan.overrides)
-            detectors[dataset] = detector.model_dump(mode="json")
-            logger.info("%s %d/%d %s: %d entities, %d training and %d test steps, %.2f%% labelled%s",
-                        dataset, index, len(names), name, len(unit.frame.entities), unit.test_start,
-                        unit.test_steps, 100 * unit.labels.mean(), f"; {unit.note}" if unit.note else "")
-            records += _run_unit(plan, unit, detector)
+        for unit_records, detector in _unit_results(plan, dataset, names):
+            detectors[dataset] = detector
+            records += unit_records
             _write(plan, records, detectors)
     logger.info("evaluation finished in %.0fs; results in %s", time.monotonic() - began, plan.out)
     return 0
+
+
+def _unit_results(plan: Plan, dataset: str, names: list[str]):
+    """Yield (records, detector) per unit, in unit order, from `plan.jobs` processes."""
+    tasks = [(plan, dataset, name, index, len(names)) for index, name in enumerate(names, 1)]
+    if plan.jobs <= 1 or len(names) <= 1:
+        yield from (_evaluate_unit(*task) for task in tasks)
+        return
+
+    # Forked workers inherit the logging set-up. Units are independent and every seed is
+    # explicit, so the records equal those of a run in one process.
+    with ProcessPoolExecutor(max_workers=plan.jobs, mp_context=get_context("fork")) as pool:
+        futures = [pool.submit(_evaluate_unit, *task) for task in tasks]
+        for future in futures:
+            yield future.result()
+
+
+def _evaluate_unit(plan: Plan, dataset: str, name: str, index: int, total: int) -> tuple[list[dict], dict]:
+    if plan.torch_threads:
+        import torch
+
+        torch.set_num_threads(plan.torch_threads)
+    unit = load_unit(plan.data_dir, dataset, name)
+    detector = build_detector(unit, plan.overrides)
+    logger.info("%s %d/%d %s: %d entities, %d training and %d test steps, %.2f%% labelled%s",
+                dataset, index, total, name, len(unit.frame.entities), unit.test_start,
+                unit.test_steps, 100 * unit.labels.mean(), f"; {unit.note}" if unit.note else "")
+    return _run_unit(plan, unit, detector), detector.model_dump(mode="json")
 
 
 def _run_unit(plan: Plan, unit: Unit, detector: DetectorConfig) -> list[dict]:

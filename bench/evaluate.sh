@@ -2,7 +2,7 @@
 # Run the detection benchmark that docs/benchmarks.md reports: every SMD machine and ASD server
 # that the data folder holds, and both Nezha systems.
 # Needs ANOMALY_DATASETS_DIR (or --data-dir passed through EXTRA). Writes under results/.
-# The training budget (epochs, windows) is cut so that the whole run takes 70 to 80 minutes on
+# The training budget (epochs, windows) is cut so that the whole run takes about an hour on
 # 2 CPU cores. SMD and ASD retrain on the service's default schedule (every 6 h); Nezha's test
 # days are a few hours long, so it retrains every hour. Every other detector setting is the
 # service default. Each data set runs JOBS units at once, one torch thread each.

@@ -146,7 +146,7 @@ def _per_unit_rows(out: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def test_parallel_units_give_the_same_records(tmp_path):
+def test_parallel_units_same_records(tmp_path):
     data_dir = _data_dir()
     common = ["evaluate", "--data-dir", str(data_dir), "--dataset", "asd", "--units", "omi-2,omi-3",
               "--protocol", "static", "--methods", "product,pca_mahalanobis", "--seeds", "0",

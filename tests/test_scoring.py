@@ -260,7 +260,7 @@ def in_sample_scores(tail: np.ndarray) -> np.ndarray:
     return window_scores(mahalanobis_terms(tail, statistics))[0]
 
 
-def test_each_half_scored_against_the_other_halfs_mean():
+def test_half_scored_against_other_mean():
     tail = held_out_windows(400, shift=0.0)
     earlier = np.arange(400) < 200
     statistics = fit_error_statistics(tail.reshape(-1, SIGNALS))
@@ -272,7 +272,7 @@ def test_each_half_scored_against_the_other_halfs_mean():
     np.testing.assert_allclose(scores[earlier], expected)
 
 
-def test_cross_fitted_reference_sees_drift_between_halves():
+def test_cross_fit_sees_drift():
     earlier = np.arange(400) < 200
     steady = held_out_windows(400, shift=0.0)
     drifting = held_out_windows(400, shift=2.0)
@@ -288,7 +288,7 @@ def test_cross_fitted_reference_sees_drift_between_halves():
     assert threshold(cross_fitted(drifting)) > 1.2 * threshold(in_sample_scores(drifting))
 
 
-def test_cross_fitted_reference_bounded_for_a_still_half():
+def test_cross_fit_bounded_for_still_half():
     # Signal 0 is constant through the first half and moves in the second, as flat signals on SMD do.
     tail = held_out_windows(400, shift=0.0)
     tail[:200, :, 0] = 0.0

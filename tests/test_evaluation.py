@@ -12,9 +12,10 @@ import pytest
 
 from monitor.cli import main
 from monitor.evaluation.datasets import DATA_DIR_ENV, Unit
+from monitor.evaluation import report
 from monitor.evaluation.metrics import evaluate_scores
 from monitor.evaluation.protocols import run_deployed, run_static
-from monitor.evaluation.runner import build_detector
+from monitor.evaluation.runner import build_detector, entity_records
 from monitor.frames import Frame
 
 STEP = 60.0
@@ -66,6 +67,36 @@ def test_deployed_refits_on_schedule():
         assert np.isfinite(track.scores).all(), name
         assert np.isfinite(track.thresholds).all(), name
     assert {"chi2@0.001", "quantile@0.01", "evt@0.001"} <= set(tracks["product"].alternatives)
+
+
+def test_false_alarms_named_by_their_signal():
+    unit = synthetic_unit()
+    # An unlabelled burst on the network signal: whatever alarms there is a false alarm.
+    unit.frame.values[0, TRAIN_STEPS + 450:TRAIN_STEPS + 460, 2] += 3.0
+    detector = build_detector(unit, QUICK)
+    tracks = run_static(unit, detector, ["product", "pca_mahalanobis"], seed=0)
+
+    records = {r["method"]: r for r in entity_records(unit, tracks, "static", 0)}
+    product = records["product"]
+    assert product["false_alarm_signals"].startswith("network:")
+    assert product["false_alarm_episodes"] >= 1
+    assert product["normal_days"] == pytest.approx((TEST_STEPS - 30) * STEP / 86400)
+    assert "false_alarm_signals" not in records["pca_mahalanobis"]
+
+
+def test_summary_pools_false_alarm_episodes():
+    common = {"protocol": "deployed", "dataset": "d", "method": "product", "seed": 0, "events": 1.0}
+    common.update({column: 0.5 for column, _ in report.SUMMARY_COLUMNS if column not in report.POOLED_COLUMNS})
+    records = [
+        {**common, "unit": "a", "normal_steps": 1440.0, "normal_alarms": 12.0, "false_alarm_episodes": 2.0,
+         "normal_days": 1.0},
+        {**common, "unit": "b", "normal_steps": 2880.0, "normal_alarms": 0.0, "false_alarm_episodes": 1.0,
+         "normal_days": 2.0},
+    ]
+    (row,) = report.summarise(records)
+    # Pooled: 3 episodes over 3 days, not the mean of 2 and 0.5 per day.
+    assert row["episodes_per_day"] == pytest.approx(1.0)
+    assert row["pooled_far"] == pytest.approx(12 / 4320)
 
 
 def test_static_seeds_differ_only_for_neural():

@@ -52,6 +52,17 @@ def test_event_delay_counts_steps_to_first_alarm():
     assert result["mean_delay_s"] == pytest.approx(90.0)
 
 
+def test_episodes_skip_incident_runs():
+    alarms = np.zeros(12, dtype=bool)
+    alarms[[0, 1]] = True  # one false episode of two steps
+    alarms[[4, 5, 6]] = True  # starts inside the first incident, so it is no false page
+    alarms[11] = True  # a second false episode
+    assert metrics.false_alarm_episodes(LABELS, alarms) == 2
+    result = metrics.evaluate_scores(LABELS, alarms.astype(float), threshold=0.5, step=3600.0)
+    assert result["false_alarm_episodes"] == 2
+    assert result["normal_days"] == pytest.approx(7 / 24)
+
+
 def test_missed_incident_lowers_caught_share():
     alarms = np.zeros(12, dtype=bool)
     alarms[2] = True

@@ -61,9 +61,17 @@ class Fitted:
     threshold: Threshold
     scorer: object  # callable Frame -> scores [entity, time]
     bundle: ModelBundle | None = None
+    # Callable Frame -> (scores, driver), both [entity, time]. The driver is the index of the
+    # signal with the largest contribution, or -1 where there is no score. Only the product has one.
+    explainer: object | None = None
 
     def score(self, frame: Frame) -> np.ndarray:
         return self.scorer(frame)
+
+    def score_and_explain(self, frame: Frame) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.explainer is None:
+            return self.scorer(frame), None
+        return self.explainer(frame)
 
 
 def rolling_mean(step_scores: np.ndarray, steps: int) -> np.ndarray:
@@ -294,7 +302,15 @@ class Product:
                 return previous
             raise FitError(f"product: first model rejected: {outcome.reason}")
         bundle = outcome.bundle
-        return Fitted(self.name, bundle.threshold, lambda target: score_range(bundle, detector, target).scores, bundle)
+
+        def explainer(target: Frame) -> tuple[np.ndarray, np.ndarray]:
+            scored = score_range(bundle, detector, target)
+            finite = np.isfinite(scored.scores)
+            driver = np.where(finite, np.argmax(np.nan_to_num(scored.contributions, nan=-1.0), axis=2), -1)
+            return scored.scores, driver
+
+        return Fitted(self.name, bundle.threshold, lambda target: score_range(bundle, detector, target).scores,
+                      bundle, explainer)
 
 
 def window_errors(bundle: ModelBundle, detector: DetectorConfig, frame: Frame):

@@ -118,6 +118,16 @@ def false_alarm_rate(labels: np.ndarray, alarms: np.ndarray) -> float:
     return float(alarms[normal].mean()) if normal.any() else math.nan
 
 
+def false_alarm_episodes(labels: np.ndarray, alarms: np.ndarray) -> int:
+    """Count runs of consecutive alarms that touch no labelled incident.
+
+    This is what an on-call engineer feels: a run of 200 alarming steps after a level shift is
+    one page, and 10 steps smeared by one spike are one page too.
+    """
+    labels = labels.astype(bool)
+    return sum(1 for first, last in segments(alarms) if not labels[first:last + 1].any())
+
+
 def point_adjust(labels: np.ndarray, alarms: np.ndarray) -> np.ndarray:
     """Mark a whole incident as detected when any of its steps alarms (the inflated protocol)."""
     adjusted = alarms.astype(bool).copy()
@@ -137,7 +147,8 @@ def best_adjusted_f1(labels: np.ndarray, scores: np.ndarray) -> float:
 
 METRIC_COLUMNS = (
     "precision", "recall", "f1", "best_f1", "auc_pr", "auc_roc", "range_f1", "events", "events_caught",
-    "mean_delay_s", "false_alarm_rate", "f1_pa_best", "normal_steps", "normal_alarms",
+    "mean_delay_s", "false_alarm_rate", "f1_pa_best", "normal_steps", "normal_alarms", "false_alarm_episodes",
+    "normal_days",
 )
 
 
@@ -172,4 +183,6 @@ def evaluate_scores(labels: np.ndarray, scores: np.ndarray, threshold, step: flo
         # Counts, so that false-alarm rates can be pooled over every normal step of a data set.
         "normal_steps": float(np.sum(labels == 0)),
         "normal_alarms": float(np.sum(alarms & (labels == 0))),
+        "false_alarm_episodes": float(false_alarm_episodes(labels, alarms)),
+        "normal_days": float(np.sum(labels == 0)) * step / 86400.0,
     }

@@ -36,6 +36,7 @@ class Track:
     thresholds: np.ndarray  # [test step]
     alternatives: dict[str, np.ndarray] = field(default_factory=dict)  # name -> thresholds [test step]
     fits: int = 0
+    drivers: np.ndarray | None = None  # [entity, test step] top signal index, -1 where none
 
 
 def slice_frame(frame: Frame, first: int, stop: int) -> Frame:
@@ -123,9 +124,14 @@ class Session:
         columns = slice(first - self.unit.test_start, stop - self.unit.test_start)
         for name in self.methods:
             fitted = self.fitted[name]
-            scores = fitted.score(frame)[:, offset:]
+            scores, drivers = fitted.score_and_explain(frame)
+            scores = scores[:, offset:]
             track = self.tracks[name]
             track.scores[:, columns] = scores
+            if drivers is not None:
+                if track.drivers is None:
+                    track.drivers = np.full(track.scores.shape, -1, dtype=np.int32)
+                track.drivers[:, columns] = drivers[:, offset:]
             track.thresholds[columns] = fitted.threshold.value
             if name in ("product", "pca_mahalanobis"):
                 for key, value in _alternatives(fitted, self.detector).items():

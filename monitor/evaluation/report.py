@@ -19,8 +19,11 @@ KEY_COLUMNS = ("protocol", "dataset", "unit", "method", "seed", "fits")
 SUMMARY_COLUMNS = (
     ("best_f1", "best-F1 (oracle)"), ("auc_pr", "AUC-PR"), ("auc_roc", "AUC-ROC"), ("f1", "F1"),
     ("precision", "P"), ("recall", "R"), ("range_f1", "range F1"), ("events_caught", "incidents caught"),
-    ("mean_delay_s", "delay (s)"), ("pooled_far", "false-alarm rate"), ("f1_pa_best", "F1-PA (oracle)"),
+    ("mean_delay_s", "delay (s)"), ("pooled_far", "false-alarm rate"),
+    ("episodes_per_day", "false-alarm episodes per day"), ("f1_pa_best", "F1-PA (oracle)"),
 )
+# Pooled over the units of a data set rather than averaged; see _seed_means.
+POOLED_COLUMNS = ("pooled_far", "episodes_per_day")
 
 
 def write_records(path: Path, records: list[dict]) -> None:
@@ -74,12 +77,16 @@ def summarise(records: list[dict]) -> list[dict]:
 def _seed_means(units: list[dict]) -> dict[str, float]:
     means = {}
     for column, _ in SUMMARY_COLUMNS:
-        if column == "pooled_far":
+        if column in POOLED_COLUMNS:
             continue
         values = np.array([u.get(column, math.nan) for u in units], dtype=float)
         means[column] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
     normal = sum(u["normal_steps"] for u in units)
     means["pooled_far"] = sum(u["normal_alarms"] for u in units) / normal if normal else math.nan
+    # Per entity and day of normal test time, so that a data set of many short units and one of
+    # a few long ones compare.
+    days = sum(u.get("normal_days", 0.0) for u in units)
+    means["episodes_per_day"] = sum(u.get("false_alarm_episodes", 0.0) for u in units) / days if days else math.nan
     return means
 
 
@@ -150,12 +157,21 @@ def summary_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cell_text(column: str, value) -> str:
+    if isinstance(value, str):
+        return value or "none"
+    if column == "false_alarm_episodes" and math.isfinite(value):
+        return f"{value:.0f}"
+    return _format(value, rate=(column == "false_alarm_rate"))
+
+
 def records_markdown(records: list[dict]) -> str:
-    columns = ("best_f1", "auc_pr", "auc_roc", "f1", "range_f1", "events_caught", "false_alarm_rate")
+    columns = ("best_f1", "auc_pr", "auc_roc", "f1", "range_f1", "events_caught", "false_alarm_rate",
+               "false_alarm_episodes", "false_alarm_signals")
     lines = ["| protocol | data set | unit | method | seed | " + " | ".join(columns) + " |",
              "| --- | --- | --- | --- | --- |" + " --- |" * len(columns)]
     for r in records:
-        cells = [_format(r.get(c, math.nan), rate=(c == "false_alarm_rate")) for c in columns]
+        cells = [_cell_text(c, r.get(c, math.nan)) for c in columns]
         lines.append(f"| {r['protocol']} | {r['dataset']} | {r['unit']} | {r['method']} | {r['seed']} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

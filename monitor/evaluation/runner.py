@@ -82,8 +82,18 @@ def entity_records(unit: Unit, tracks: dict[str, Track], protocol: str, seed: in
             scored = np.isfinite(scores) & (labels == 0)
             for key, thresholds in track.alternatives.items():
                 record[f"alarms@{key}"] = float(np.sum(scores[scored] > thresholds[scored]))
+            if track.drivers is not None:
+                false_alarms = scored & (np.nan_to_num(scores, nan=-np.inf) > track.thresholds)
+                record["false_alarm_signals"] = top_drivers(track.drivers[row][false_alarms], unit.signals)
             records.append(record)
     return records
+
+
+def top_drivers(drivers: np.ndarray, signals: list[str], count: int = 3) -> str:
+    """Name the signals that most often drove false alarms, as 'name:steps' joined by spaces."""
+    indices, steps = np.unique(drivers[drivers >= 0], return_counts=True)
+    order = np.argsort(-steps, kind="stable")[:count]
+    return " ".join(f"{signals[indices[i]]}:{steps[i]}" for i in order)
 
 
 class _OncePerMessage(logging.Filter):

@@ -51,6 +51,12 @@ def _center_and_scale(data: np.ndarray) -> tuple[float, float]:
     return float(median), max(float(spread), floor)
 
 
+def floored_signals(scaler: Scaler) -> np.ndarray:
+    """Return a mask of the signals whose scale is the floor, which means they did not move."""
+    floor = np.maximum(RELATIVE_SCALE_FLOOR * np.abs(scaler.center), ABSOLUTE_SCALE_FLOOR)
+    return scaler.scale <= floor
+
+
 def observed_steps(values: np.ndarray) -> int:
     """Count the steps of an entity's array [time, signal] at which every signal was observed."""
     return int(np.all(~np.isnan(values), axis=-1).sum())

@@ -14,7 +14,7 @@ from monitor.bundle import CALENDAR_FEATURES, ModelBundle, config_fingerprint
 from monitor.config import DetectorConfig
 from monitor.frames import EntityKey, Frame, fill_short_gaps
 from monitor.model import LSTMAutoencoder, fit
-from monitor.scaling import Scaler, fit_scaler, observed_steps
+from monitor.scaling import Scaler, fit_scaler, floored_signals, observed_steps
 from monitor.scoring import cross_fitted_scores, fit_error_statistics, fit_threshold, mahalanobis_terms, window_scores
 
 logger = logging.getLogger(__name__)
@@ -126,6 +126,24 @@ def fit_scalers(frame: Frame, detector: DetectorConfig) -> tuple[dict[EntityKey,
     return scalers, pooled
 
 
+def still_signals(scalers: dict[EntityKey, Scaler], detector: DetectorConfig) -> dict[str, int]:
+    """Count, per signal, the entities on which it did not move in the training range."""
+    counts = np.zeros(len(detector.signals), dtype=int)
+    for scaler in scalers.values():
+        counts += floored_signals(scaler)
+    return {name: int(count) for name, count in zip(detector.signals, counts) if count}
+
+
+def _warn_still(still: dict[str, int], entities: int, detector: DetectorConfig) -> None:
+    if not still:
+        return
+    listed = ", ".join(f"{name} ({count} of {entities} entities)" for name, count in still.items())
+    logger.warning(
+        "detector %s: signals did not move in the training range: %s. Any later move of such a "
+        "signal dominates its entity's score and alarms. Leave the signal out of the detector or "
+        "set a train.range in which it varies", detector.name, listed)
+
+
 class Trainer:
     """Train one detector from a frame of history, comparing against the serving bundle."""
 
@@ -164,6 +182,8 @@ class Trainer:
         validation = subsample(validation, max(detector.train.max_windows // 4, 64), rng)
         holdout = subsample(holdout, max(detector.train.max_windows // 2, 64), rng)
         scalers, pooled = fit_scalers(frame, detector)
+        still = still_signals(scalers, detector)
+        _warn_still(still, len(scalers), detector)
 
         bundle = self._new_bundle(frame, scalers, pooled, current, warm_start)
         training_pair = self._pairs(frame, training, bundle)
@@ -179,6 +199,7 @@ class Trainer:
 
         holdout_error = self._calibrate(frame, holdout, bundle)
         bundle.metadata.update(self._metadata(frame, result, holdout_error, training, excluded))
+        bundle.metadata["still_signals"] = still
         verdict = self._check(bundle, current, frame, holdout, holdout_error)
         return TrainingOutcome(verdict is None, bundle, verdict or "accepted",
                                windows_used=int(training.rows.size), windows_excluded=excluded)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -37,6 +38,7 @@ def test_metadata_recorded():
     assert metadata["entities"] == 3
     assert metadata["windows_used"] == outcome.windows_used
     assert metadata["warm_started"] is False
+    assert metadata["still_signals"] == {}
 
 
 def test_same_seed_same_model():
@@ -181,3 +183,14 @@ def test_scalers_fitted_on_held_out_part():
 
     # A scaler of the training part alone would not know the held-out level, 10 higher.
     assert scalers[frame.entities[0]].scale[0] > 10 * training_spread
+
+
+def test_still_signal_reported(caplog):
+    values = normal_values()
+    values[:2, :, 2] = 0.0  # network sits at 0 on two of the three entities
+
+    with caplog.at_level(logging.WARNING, logger="monitor.training"):
+        outcome = Trainer(detector_config()).train(synthetic_frame(values), None)
+
+    assert outcome.bundle.metadata["still_signals"] == {"network": 2}
+    assert "network (2 of 3 entities)" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -160,6 +161,8 @@ def test_reduced_run_both_protocols(tmp_path):
     assert "asd, static protocol" in summary
     assert "asd, deployed protocol" in summary
     assert (out / "thresholds.md").read_text().count("| product |") == 12
+    # The run's log filters must not outlive it, or later warnings in this process vanish.
+    assert logging.getLogger("monitor.training").filters == []
     for protocol in ("static", "deployed"):
         picture = out / "pictures" / f"asd-omi-2-{protocol}.png"
         assert picture.stat().st_size > 1000

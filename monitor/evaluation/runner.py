@@ -110,9 +110,23 @@ class _OncePerMessage(logging.Filter):
         return True
 
 
+NOISY_LOGGERS = ("monitor.scoring", "monitor.training", "monitor.evaluation.methods")
+
+
 def run(plan: Plan) -> int:
-    for noisy in ("monitor.scoring", "monitor.training", "monitor.evaluation.methods"):
-        logging.getLogger(noisy).addFilter(_OncePerMessage())
+    # The filters go when the run ends, so that a caller in the same process (a test, a
+    # notebook) sees these loggers' warnings again.
+    filters = [(logging.getLogger(name), _OncePerMessage()) for name in NOISY_LOGGERS]
+    for noisy_logger, once in filters:
+        noisy_logger.addFilter(once)
+    try:
+        return _run(plan)
+    finally:
+        for noisy_logger, once in filters:
+            noisy_logger.removeFilter(once)
+
+
+def _run(plan: Plan) -> int:
     plan.out.mkdir(parents=True, exist_ok=True)
     (plan.out / "pictures").mkdir(exist_ok=True)
     detectors: dict[str, dict] = {}

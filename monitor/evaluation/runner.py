@@ -115,7 +115,7 @@ NOISY_LOGGERS = ("monitor.scoring", "monitor.training", "monitor.evaluation.meth
 
 def run(plan: Plan) -> int:
     # The filters go when the run ends, so that a caller in the same process (a test, a
-    # notebook) sees these loggers' warnings again.
+    # notebook) gets these loggers' warnings again.
     filters = [(logging.getLogger(name), _OncePerMessage()) for name in NOISY_LOGGERS]
     for noisy_logger, once in filters:
         noisy_logger.addFilter(once)

@@ -47,14 +47,17 @@ def _center_and_scale(data: np.ndarray) -> tuple[float, float]:
     # standard deviation measures it by the size of its bursts instead. For a bell-shaped
     # signal, the IQR-based spread is the larger and wins.
     spread = max((high - low) / _IQR_TO_SIGMA, STD_SHARE_FLOOR * float(np.std(data)))
-    floor = max(RELATIVE_SCALE_FLOOR * abs(median), ABSOLUTE_SCALE_FLOOR)
-    return float(median), max(float(spread), floor)
+    return float(median), max(float(spread), float(scale_floor(median)))
+
+
+def scale_floor(center):
+    """Return the smallest scale a signal at `center` gets (a float or an array, as given)."""
+    return np.maximum(RELATIVE_SCALE_FLOOR * np.abs(center), ABSOLUTE_SCALE_FLOOR)
 
 
 def floored_signals(scaler: Scaler) -> np.ndarray:
     """Return a mask of the signals whose scale is the floor, which means they did not move."""
-    floor = np.maximum(RELATIVE_SCALE_FLOOR * np.abs(scaler.center), ABSOLUTE_SCALE_FLOOR)
-    return scaler.scale <= floor
+    return scaler.scale <= scale_floor(scaler.center)
 
 
 def observed_steps(values: np.ndarray) -> int:

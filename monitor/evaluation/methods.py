@@ -65,9 +65,6 @@ class Fitted:
     # signal with the largest contribution, or -1 where there is no score. Only the product has one.
     explainer: object | None = None
 
-    def score(self, frame: Frame) -> np.ndarray:
-        return self.scorer(frame)
-
     def score_and_explain(self, frame: Frame) -> tuple[np.ndarray, np.ndarray | None]:
         if self.explainer is None:
             return self.scorer(frame), None
@@ -309,8 +306,7 @@ class Product:
             driver = np.where(finite, np.argmax(np.nan_to_num(scored.contributions, nan=-1.0), axis=2), -1)
             return scored.scores, driver
 
-        return Fitted(self.name, bundle.threshold, lambda target: score_range(bundle, detector, target).scores,
-                      bundle, explainer)
+        return Fitted(self.name, bundle.threshold, lambda target: explainer(target)[0], bundle, explainer)
 
 
 def window_errors(bundle: ModelBundle, detector: DetectorConfig, frame: Frame):

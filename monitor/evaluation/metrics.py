@@ -121,8 +121,9 @@ def false_alarm_rate(labels: np.ndarray, alarms: np.ndarray) -> float:
 def false_alarm_episodes(labels: np.ndarray, alarms: np.ndarray) -> int:
     """Count runs of consecutive alarms that touch no labelled incident.
 
-    This is what an on-call engineer feels: a run of 200 alarming steps after a level shift is
-    one page, and 10 steps smeared by one spike are one page too.
+    Each run stands for one page: 200 alarming steps after a level shift are one episode, as
+    are the 10 steps that one spike keeps in the window score. Steps without a score are
+    dropped before this runs, so alarms on both sides of such a gap count as one run.
     """
     labels = labels.astype(bool)
     return sum(1 for first, last in segments(alarms) if not labels[first:last + 1].any())

@@ -36,7 +36,7 @@ class Track:
     thresholds: np.ndarray  # [test step]
     alternatives: dict[str, np.ndarray] = field(default_factory=dict)  # name -> thresholds [test step]
     fits: int = 0
-    drivers: np.ndarray | None = None  # [entity, test step] top signal index, -1 where none
+    drivers: np.ndarray | None = None  # [entity, test step] index of the top signal, or -1
 
 
 def slice_frame(frame: Frame, first: int, stop: int) -> Frame:

@@ -22,7 +22,7 @@ SUMMARY_COLUMNS = (
     ("mean_delay_s", "delay (s)"), ("pooled_far", "false-alarm rate"),
     ("episodes_per_day", "false-alarm episodes per day"), ("f1_pa_best", "F1-PA (oracle)"),
 )
-# Pooled over the units of a data set rather than averaged; see _seed_means.
+# Pooled over the units of a data set rather than averaged (see _seed_means).
 POOLED_COLUMNS = ("pooled_far", "episodes_per_day")
 
 
@@ -83,8 +83,8 @@ def _seed_means(units: list[dict]) -> dict[str, float]:
         means[column] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
     normal = sum(u["normal_steps"] for u in units)
     means["pooled_far"] = sum(u["normal_alarms"] for u in units) / normal if normal else math.nan
-    # Per entity and day of normal test time, so that a data set of many short units and one of
-    # a few long ones compare.
+    # Per entity and day of normal test time, so that a data set of many short units compares
+    # with one of a few long ones.
     days = sum(u.get("normal_days", 0.0) for u in units)
     means["episodes_per_day"] = sum(u.get("false_alarm_episodes", 0.0) for u in units) / days if days else math.nan
     return means

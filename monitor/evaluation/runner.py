@@ -83,7 +83,7 @@ def entity_records(unit: Unit, tracks: dict[str, Track], protocol: str, seed: in
             for key, thresholds in track.alternatives.items():
                 record[f"alarms@{key}"] = float(np.sum(scores[scored] > thresholds[scored]))
             if track.drivers is not None:
-                false_alarms = scored & (np.nan_to_num(scores, nan=-np.inf) > track.thresholds)
+                false_alarms = scored & (scores > track.thresholds)
                 record["false_alarm_signals"] = top_drivers(track.drivers[row][false_alarms], unit.signals)
             records.append(record)
     return records

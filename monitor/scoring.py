@@ -19,6 +19,10 @@ logger = logging.getLogger(__name__)
 # condition number by its inverse and keeps constant or collinear signals invertible.
 EIGENVALUE_FLOOR = 1e-6
 ABSOLUTE_EIGENVALUE_FLOOR = 1e-12
+# The held-out part is cut into this many spans in time for the cross-fitted reference scores.
+# More spans put more of the drift between periods into the reference, but fit each span's
+# statistics on fewer windows. docs/configuration.md has the measurements.
+CALIBRATION_BLOCKS = 4
 
 
 @dataclass(frozen=True)
@@ -71,28 +75,63 @@ def window_scores(terms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.maximum(scores, 0.0), contributions
 
 
-def cross_fitted_scores(tail: np.ndarray, earlier: np.ndarray, statistics: ErrorStatistics) -> np.ndarray:
-    """Score held-out windows [window, step, signal], each half in time against the other's μ.
+def time_blocks(times: np.ndarray, count: int = CALIBRATION_BLOCKS) -> np.ndarray:
+    """Label each time with one of `count` spans of equal length between the first and the last."""
+    first, last = float(np.min(times)), float(np.max(times))
+    if last <= first:
+        return np.zeros(np.shape(times), dtype=int)
+    return np.minimum(((times - first) / (last - first) * count).astype(int), count - 1)
 
-    `earlier` marks the windows of the first half. Errors drift over days, and a reference
-    scored against a μ that had seen every window misses that drift, so a threshold set from
-    it alarms more often than its target. Σ stays that of the whole held-out part: fitted on
-    one half, it can be nearly singular in a direction in which the other half moves, which
-    set thresholds of up to 10⁸ on SMD.
+
+def block_statistics(errors: list[np.ndarray], whole: ErrorStatistics) -> list[ErrorStatistics | None]:
+    """Return, per block of error vectors [sample, signal], the statistics to score it against.
+
+    Each block gets the μ of the other blocks, and the mean of the other blocks' Σ and the whole
+    part's Σ. The other blocks' Σ alone misses a direction that only this block moves in: on
+    half-still SMD signals it was nearly singular and set thresholds of up to 10⁸. Averaged with
+    the whole part's Σ, which includes this block, a reference distance is at most twice what
+    the whole part's Σ gives. None marks a block that is empty or whose others hold fewer than 2
+    vectors; it is scored against `whole`.
+    """
+    blended = []
+    for index, own in enumerate(errors):
+        others = [block for position, block in enumerate(errors) if position != index]
+        pooled = np.concatenate(others) if others else np.empty((0, whole.mean.size))
+        if own.shape[0] == 0 or pooled.shape[0] < 2:
+            blended.append(None)
+            continue
+        blended.append(_blend(fit_error_statistics(pooled), whole))
+    return blended
+
+
+def _blend(other: ErrorStatistics, whole: ErrorStatistics) -> ErrorStatistics:
+    covariance = (other.covariance + whole.covariance) / 2
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    precision = (eigenvectors / eigenvalues) @ eigenvectors.T
+    return replace(whole, mean=other.mean, covariance=covariance, precision=precision,
+                   condition_number=float(eigenvalues.max() / eigenvalues.min()))
+
+
+def cross_fitted_scores(tail: np.ndarray, blocks: np.ndarray, statistics: ErrorStatistics) -> np.ndarray:
+    """Score held-out windows [window, step, signal], each block in time against the others.
+
+    `blocks` labels each window's block (see time_blocks). Errors drift over days, in level and
+    in spread. A reference scored against statistics that had seen every window misses that
+    drift, so a threshold set from it alarms more often than its target.
     """
     scores = window_scores(mahalanobis_terms(tail, statistics))[0]
-    halves = [earlier, ~earlier]
-    if min(int(half.sum()) for half in halves) < 2:
-        return scores
-
-    for scored, other in (halves, halves[::-1]):
-        errors = tail[other].reshape(-1, tail.shape[-1])
-        errors = errors[np.all(np.isfinite(errors), axis=1)]
-        if errors.shape[0] == 0:
+    labels = np.unique(blocks)
+    errors = [_finite_rows(tail[blocks == label].reshape(-1, tail.shape[-1])) for label in labels]
+    for label, shifted in zip(labels, block_statistics(errors, statistics)):
+        if shifted is None:
             continue
-        shifted = replace(statistics, mean=errors.mean(axis=0))
+        scored = blocks == label
         scores[scored] = window_scores(mahalanobis_terms(tail[scored], shifted))[0]
     return scores
+
+
+def _finite_rows(errors: np.ndarray) -> np.ndarray:
+    return errors[np.all(np.isfinite(errors), axis=1)]
 
 
 def rolling_window_scores(step_scores: np.ndarray, aggregate_steps: int) -> np.ndarray:

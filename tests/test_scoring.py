@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -13,6 +15,7 @@ from monitor.scoring import (
     fit_threshold,
     mahalanobis_terms,
     rolling_window_scores,
+    time_blocks,
     window_scores,
 )
 
@@ -247,6 +250,8 @@ def test_unknown_method_raises():
 
 # ---- cross-fitted reference scores ----------------------------------------------------------------
 
+WINDOWS = 400
+
 
 def held_out_windows(windows: int, shift: float, seed: int = 0) -> np.ndarray:
     """Errors [window, AGGREGATE_STEPS, SIGNALS]; signal 0 moves by `shift` in the second half."""
@@ -260,49 +265,82 @@ def in_sample_scores(tail: np.ndarray) -> np.ndarray:
     return window_scores(mahalanobis_terms(tail, statistics))[0]
 
 
-def test_half_scored_against_other_mean():
-    tail = held_out_windows(400, shift=0.0)
-    earlier = np.arange(400) < 200
-    statistics = fit_error_statistics(tail.reshape(-1, SIGNALS))
-
-    scores = cross_fitted_scores(tail, earlier, statistics)
-
-    centered = tail[earlier] - tail[~earlier].reshape(-1, SIGNALS).mean(axis=0)
-    expected = (centered * (centered @ statistics.precision)).sum(axis=2).mean(axis=1)
-    np.testing.assert_allclose(scores[earlier], expected)
+def cross_fitted(tail: np.ndarray) -> np.ndarray:
+    blocks = time_blocks(np.arange(tail.shape[0]))
+    return cross_fitted_scores(tail, blocks, fit_error_statistics(tail.reshape(-1, SIGNALS)))
 
 
-def test_cross_fit_sees_drift():
-    earlier = np.arange(400) < 200
-    steady = held_out_windows(400, shift=0.0)
-    drifting = held_out_windows(400, shift=2.0)
-
-    def threshold(scores):
-        return fit_threshold("quantile", 0.01, scores, SIGNALS, AGGREGATE_STEPS).value
-
-    def cross_fitted(tail):
-        return cross_fitted_scores(tail, earlier, fit_error_statistics(tail.reshape(-1, SIGNALS)))
-
-    # Without drift both references agree. With drift, only the cross-fitted one rises.
-    assert threshold(cross_fitted(steady)) == pytest.approx(threshold(in_sample_scores(steady)), rel=0.25)
-    assert threshold(cross_fitted(drifting)) > 1.2 * threshold(in_sample_scores(drifting))
+def quantile_threshold(scores: np.ndarray) -> float:
+    return fit_threshold("quantile", 0.01, scores, SIGNALS, AGGREGATE_STEPS).value
 
 
-def test_cross_fit_bounded_for_still_half():
-    # Signal 0 is constant through the first half and moves in the second, as flat signals on SMD do.
-    tail = held_out_windows(400, shift=0.0)
-    tail[:200, :, 0] = 0.0
-    earlier = np.arange(400) < 200
+def test_time_blocks_are_equal_spans():
+    labels = time_blocks(np.arange(100, 140), 4)
 
-    scores = cross_fitted_scores(tail, earlier, fit_error_statistics(tail.reshape(-1, SIGNALS)))
-
-    assert scores.max() < 10 * in_sample_scores(tail).max()
+    np.testing.assert_array_equal(np.bincount(labels), [10, 10, 10, 10])
+    assert np.all(np.diff(labels) >= 0)
+    np.testing.assert_array_equal(time_blocks(np.full(5, 7.0), 4), 0)
 
 
-def test_small_half_scored_in_sample():
+def test_block_scored_against_other_blocks():
+    tail = held_out_windows(WINDOWS, shift=0.0)
+    blocks = time_blocks(np.arange(WINDOWS))
+    whole = fit_error_statistics(tail.reshape(-1, SIGNALS))
+
+    scores = cross_fitted_scores(tail, blocks, whole)
+
+    first = blocks == 0
+    others = fit_error_statistics(tail[~first].reshape(-1, SIGNALS))
+    precision = np.linalg.inv((others.covariance + whole.covariance) / 2)
+    centered = tail[first] - others.mean
+    expected = (centered * (centered @ precision)).sum(axis=2).mean(axis=1)
+    np.testing.assert_allclose(scores[first], expected)
+
+
+def test_cross_fit_sees_shift_in_level():
+    steady = held_out_windows(WINDOWS, shift=0.0)
+    drifting = held_out_windows(WINDOWS, shift=3.0)
+
+    # Without drift both references agree to 1 %. With drift, only the cross-fitted one rises,
+    # by about 11 %: the blended Σ takes in part of the shift.
+    assert quantile_threshold(cross_fitted(steady)) == pytest.approx(quantile_threshold(in_sample_scores(steady)), rel=0.03)
+    assert quantile_threshold(cross_fitted(drifting)) > 1.06 * quantile_threshold(in_sample_scores(drifting))
+
+
+def test_cross_fit_sees_change_in_spread():
+    # Signal 1 is three times as noisy in the last quarter as before: a μ-only cross-fit, with
+    # the whole part's Σ, would miss most of that.
+    tail = held_out_windows(WINDOWS, shift=0.0)
+    tail[3 * WINDOWS // 4:, :, 1] *= 3.0
+    whole = fit_error_statistics(tail.reshape(-1, SIGNALS))
+    blocks = time_blocks(np.arange(WINDOWS))
+    mean_only = in_sample_scores(tail).copy()
+    for label in range(4):
+        inside = blocks == label
+        other_mean = tail[~inside].reshape(-1, SIGNALS).mean(axis=0)
+        mean_only[inside] = window_scores(mahalanobis_terms(tail[inside], replace(whole, mean=other_mean)))[0]
+
+    assert quantile_threshold(cross_fitted(tail)) > 1.2 * quantile_threshold(mean_only)
+
+
+def test_cross_fit_bounded_for_still_block():
+    # Signal 0 is constant through the first three quarters and moves in the last, as flat
+    # signals on SMD do. The other blocks' Σ alone would be nearly singular along it.
+    tail = held_out_windows(WINDOWS, shift=0.0)
+    tail[:3 * WINDOWS // 4, :, 0] = 0.0
+    whole = fit_error_statistics(tail.reshape(-1, SIGNALS))
+    mean_only = window_scores(mahalanobis_terms(tail, replace(whole, mean=tail[:3 * WINDOWS // 4].reshape(-1, SIGNALS).mean(axis=0))))[0]
+
+    scores = cross_fitted(tail)
+
+    last = time_blocks(np.arange(WINDOWS)) == 3
+    assert np.all(scores[last] <= 2 * mean_only[last] + 1e-9)
+    assert scores.max() < 20 * in_sample_scores(tail).max()
+
+
+def test_single_block_scored_in_sample():
     tail = held_out_windows(10, shift=0.0)
-    earlier = np.arange(10) < 1
 
-    scores = cross_fitted_scores(tail, earlier, fit_error_statistics(tail.reshape(-1, SIGNALS)))
+    scores = cross_fitted_scores(tail, np.zeros(10, dtype=int), fit_error_statistics(tail.reshape(-1, SIGNALS)))
 
     np.testing.assert_allclose(scores, in_sample_scores(tail))

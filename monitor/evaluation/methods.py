@@ -23,7 +23,8 @@ from monitor.config import DetectorConfig
 from monitor.frames import Frame, fill_short_gaps
 from monitor.model import LSTMAutoencoder
 from monitor.replay import score_range
-from monitor.scoring import Threshold, fit_error_statistics, fit_threshold, mahalanobis_terms
+from monitor.scoring import (ErrorStatistics, Threshold, block_statistics, fit_error_statistics, fit_threshold,
+                             mahalanobis_terms, time_blocks)
 from monitor.training import Trainer, TrainingError, _initialise, fit_scalers
 
 logger = logging.getLogger(__name__)
@@ -205,29 +206,29 @@ class PcaMahalanobis(PcaError):
         if held_out.shape[0] < 2:
             raise FitError("pca_mahalanobis: no complete held-out steps for the error statistics")
         self.statistics = fit_error_statistics(self._residuals(held_out))
-        self.halves = self._half_means(scaled, split)
+        self.blocks = self._block_statistics(scaled, split)
 
-    def _half_means(self, scaled, split) -> list[tuple[int, int, np.ndarray]]:
-        """Mean residual of each half of the held-out part in time, for the cross-fitted reference."""
-        middle = split.holdout_start + (scaled.shape[1] - split.holdout_start) // 2
-        halves = []
-        for first, stop in ((split.holdout_start, middle), (middle, scaled.shape[1])):
-            points = scaled[:, first:stop, :].reshape(-1, scaled.shape[-1])
+    def _block_statistics(self, scaled, split) -> list[tuple[int, int, ErrorStatistics]]:
+        """Spans of the held-out part in time, each with the statistics its reference is scored against."""
+        steps = np.arange(split.holdout_start, scaled.shape[1])
+        labels = time_blocks(steps)
+        spans, errors = [], []
+        for label in np.unique(labels):
+            inside = steps[labels == label]
+            points = scaled[:, inside[0]:inside[-1] + 1, :].reshape(-1, scaled.shape[-1])
             points = points[~np.isnan(points).any(axis=1)]
-            if points.shape[0] < 2:
-                return []
-            halves.append((first, stop, self._residuals(points).mean(axis=0)))
-        return halves
+            spans.append((int(inside[0]), int(inside[-1]) + 1))
+            errors.append(self._residuals(points) if points.shape[0] else points)
+        statistics = block_statistics(errors, self.statistics)
+        return [(first, stop, self.statistics if own is None else own) for (first, stop), own in zip(spans, statistics)]
 
     def _reference(self, scorer, frame: Frame) -> np.ndarray:
-        """Score each held-out half against the other half's mean, as the product's Trainer does."""
-        if not self.halves:
-            return super()._reference(scorer, frame)
+        """Score each held-out span against the other spans' statistics, as the product's Trainer does."""
         whole = self.statistics
         parts = []
         try:
-            for (first, stop, _), (_, _, other_mean) in zip(self.halves, self.halves[::-1]):
-                self.statistics = replace(whole, mean=other_mean)
+            for first, stop, statistics in self.blocks:
+                self.statistics = statistics
                 part = scorer(frame)[:, first + self.detector.score.aggregate_steps - 1:stop]
                 parts.append(part[np.isfinite(part)])
         finally:

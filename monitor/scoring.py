@@ -23,6 +23,10 @@ ABSOLUTE_EIGENVALUE_FLOOR = 1e-12
 # More spans put more of the drift between periods into the reference, but fit each span's
 # statistics on fewer windows. docs/configuration.md has the measurements.
 CALIBRATION_BLOCKS = 4
+# Each span needs this many held-out windows, or the other spans' Σ measures sampling noise
+# rather than drift. A shorter held-out part is cut into fewer spans; with one, the reference
+# is scored in sample, as it is for a held-out part of a few minutes.
+MIN_WINDOWS_PER_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,12 @@ def window_scores(terms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.maximum(scores, 0.0), contributions
 
 
-def time_blocks(times: np.ndarray, count: int = CALIBRATION_BLOCKS) -> np.ndarray:
+def block_count(windows: int) -> int:
+    """Return how many spans a held-out part of `windows` windows is cut into (at least 1)."""
+    return max(1, min(CALIBRATION_BLOCKS, windows // MIN_WINDOWS_PER_BLOCK))
+
+
+def time_blocks(times: np.ndarray, count: int) -> np.ndarray:
     """Label each time with one of `count` spans of equal length between the first and the last."""
     first, last = float(np.min(times)), float(np.max(times))
     if last <= first:

@@ -15,7 +15,8 @@ from monitor.config import DetectorConfig
 from monitor.frames import EntityKey, Frame, fill_short_gaps
 from monitor.model import LSTMAutoencoder, fit
 from monitor.scaling import Scaler, fit_scaler, floored_signals, observed_steps
-from monitor.scoring import cross_fitted_scores, fit_error_statistics, fit_threshold, mahalanobis_terms, time_blocks, window_scores
+from monitor.scoring import (block_count, cross_fitted_scores, fit_error_statistics, fit_threshold, mahalanobis_terms,
+                             time_blocks, window_scores)
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +267,8 @@ class Trainer:
         # The reference scores of each span in time are measured from the other spans'
         # statistics, so that the threshold allows for the drift between days
         # (docs/configuration.md).
-        scores = cross_fitted_scores(tail, time_blocks(holdout.starts), bundle.statistics)
+        blocks = time_blocks(holdout.starts, block_count(holdout.rows.size))
+        scores = cross_fitted_scores(tail, blocks, bundle.statistics)
         bundle.threshold = fit_threshold(detector.threshold.method, detector.threshold.false_alarm_rate,
                                          scores, len(detector.signals), detector.score.aggregate_steps)
         return float(np.nanmean(errors**2))

@@ -10,6 +10,7 @@ from scipy import stats
 
 from monitor.scoring import (
     EIGENVALUE_FLOOR,
+    block_count,
     cross_fitted_scores,
     fit_error_statistics,
     fit_threshold,
@@ -266,7 +267,7 @@ def in_sample_scores(tail: np.ndarray) -> np.ndarray:
 
 
 def cross_fitted(tail: np.ndarray) -> np.ndarray:
-    blocks = time_blocks(np.arange(tail.shape[0]))
+    blocks = time_blocks(np.arange(tail.shape[0]), 4)
     return cross_fitted_scores(tail, blocks, fit_error_statistics(tail.reshape(-1, SIGNALS)))
 
 
@@ -282,9 +283,15 @@ def test_time_blocks_are_equal_spans():
     np.testing.assert_array_equal(time_blocks(np.full(5, 7.0), 4), 0)
 
 
+def test_short_held_out_part_gets_fewer_blocks():
+    assert block_count(400) == 4
+    assert block_count(140) == 2
+    assert block_count(66) == 1
+
+
 def test_block_scored_against_other_blocks():
     tail = held_out_windows(WINDOWS, shift=0.0)
-    blocks = time_blocks(np.arange(WINDOWS))
+    blocks = time_blocks(np.arange(WINDOWS), 4)
     whole = fit_error_statistics(tail.reshape(-1, SIGNALS))
 
     scores = cross_fitted_scores(tail, blocks, whole)
@@ -313,7 +320,7 @@ def test_cross_fit_sees_change_in_spread():
     tail = held_out_windows(WINDOWS, shift=0.0)
     tail[3 * WINDOWS // 4:, :, 1] *= 3.0
     whole = fit_error_statistics(tail.reshape(-1, SIGNALS))
-    blocks = time_blocks(np.arange(WINDOWS))
+    blocks = time_blocks(np.arange(WINDOWS), 4)
     mean_only = in_sample_scores(tail).copy()
     for label in range(4):
         inside = blocks == label
@@ -333,7 +340,7 @@ def test_cross_fit_bounded_for_still_block():
 
     scores = cross_fitted(tail)
 
-    last = time_blocks(np.arange(WINDOWS)) == 3
+    last = time_blocks(np.arange(WINDOWS), 4) == 3
     assert np.all(scores[last] <= 2 * mean_only[last] + 1e-9)
     assert scores.max() < 20 * in_sample_scores(tail).max()
 

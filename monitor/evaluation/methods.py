@@ -23,7 +23,7 @@ from monitor.config import DetectorConfig
 from monitor.frames import Frame, fill_short_gaps
 from monitor.model import LSTMAutoencoder
 from monitor.replay import score_range
-from monitor.scoring import (ErrorStatistics, Threshold, block_statistics, fit_error_statistics, fit_threshold,
+from monitor.scoring import (ErrorStatistics, Threshold, block_count, block_statistics, fit_error_statistics, fit_threshold,
                              mahalanobis_terms, time_blocks)
 from monitor.training import Trainer, TrainingError, _initialise, fit_scalers
 
@@ -211,7 +211,7 @@ class PcaMahalanobis(PcaError):
     def _block_statistics(self, scaled, split) -> list[tuple[int, int, ErrorStatistics]]:
         """Spans of the held-out part in time, each with the statistics its reference is scored against."""
         steps = np.arange(split.holdout_start, scaled.shape[1])
-        labels = time_blocks(steps)
+        labels = time_blocks(steps, block_count(steps.size))
         spans, errors = [], []
         for label in np.unique(labels):
             inside = steps[labels == label]

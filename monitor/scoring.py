@@ -23,9 +23,9 @@ ABSOLUTE_EIGENVALUE_FLOOR = 1e-12
 # More spans put more of the drift between periods into the reference, but fit each span's
 # statistics on fewer windows. docs/configuration.md has the measurements.
 CALIBRATION_BLOCKS = 4
-# Each span needs this many held-out windows, or the other spans' Σ measures sampling noise
-# rather than drift. A shorter held-out part is cut into fewer spans; with one, the reference
-# is scored in sample, as it is for a held-out part of a few minutes.
+# Each span needs this many held-out windows, because with fewer the other spans' Σ measures
+# sampling noise rather than drift. A shorter held-out part, such as a few minutes of history,
+# is cut into fewer spans, and with one span the reference is scored in sample.
 MIN_WINDOWS_PER_BLOCK = 64
 
 

@@ -10,7 +10,7 @@ window that ends at each step, and every baseline averages its step scores over 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view

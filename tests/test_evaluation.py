@@ -128,7 +128,7 @@ def test_unknown_method_rejected(tmp_path, capsys):
 def _data_dir() -> Path:
     value = os.environ.get(DATA_DIR_ENV)
     if not value:
-        pytest.skip(f"{DATA_DIR_ENV} is not set: point it at the folder holding smd/, asd/ and nezha/")
+        pytest.skip(f"{DATA_DIR_ENV} is not set: point it at the folder holding smd/, asd/, nezha/ and nab/")
     return Path(value)
 
 

@@ -47,7 +47,7 @@ def add_evaluate_parser(commands) -> argparse.ArgumentParser:
         description="Run the product's Trainer, scoring and thresholds and the baselines on labelled data "
                     "sets, in the static and the as-deployed protocol, and write tables, the config, the "
                     "seeds and pictures to a results folder.")
-    parser.add_argument("--data-dir", help=f"folder holding smd/, asd/ and nezha/ (default: ${DATA_DIR_ENV})")
+    parser.add_argument("--data-dir", help=f"folder holding smd/, asd/, nezha/ and nab/ (default: ${DATA_DIR_ENV})")
     parser.add_argument("--dataset", action="append", choices=DATASETS,
                         help="data set to run (repeatable; default: all of them)")
     parser.add_argument("--units", type=_names, default=[],

@@ -2,8 +2,8 @@
 
 A data set yields units. A unit is what one detector sees: one or more entities (machines or
 pods), a training part and a labelled test part on one time grid. SMD and ASD carry no
-timestamps, so their grid is synthesised at the data's step from a fixed origin. Nezha keeps
-its real times, rounded to the minute.
+timestamps, so their grid is synthesised at the data's step from a fixed origin. Nezha and NAB
+keep their real times, rounded to the data's step.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from monitor.frames import Frame
 
 DATA_DIR_ENV = "ANOMALY_DATASETS_DIR"
-DATASETS = ("smd", "asd", "nezha")
+DATASETS = ("smd", "asd", "nezha", "nab")
 # Synthesised grids start here (2024-01-01T00:00:00Z) so that timestamps look like real ones.
 SYNTHETIC_ORIGIN = 1_704_067_200.0
 
@@ -47,6 +47,9 @@ NEZHA_SPLITS = {
 # Faults stop in the first hours of each day; this much time after the last one starts the
 # fault-free training part, and the test part ends this long after the last fault.
 NEZHA_SETTLE_SECONDS = 1800.0
+# NAB has no training split. Its own scorer ignores the first 15 % of each series (the
+# "probationary period"), so that is the training part here and the rest is the test part.
+NAB_PROBATION = 0.15
 
 
 class DatasetError(Exception):
@@ -96,11 +99,13 @@ def list_units(root: Path, dataset: str) -> list[str]:
         return sorted(names, key=lambda n: int(n.split("-")[1]))
     if dataset == "nezha":
         return list(NEZHA_SPLITS)
+    if dataset == "nab":
+        return sorted(_nab_files(root))
     raise DatasetError(f"unknown data set {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
 def load_unit(root: Path, dataset: str, name: str) -> Unit:
-    loaders = {"smd": _load_smd, "asd": _load_asd, "nezha": _load_nezha}
+    loaders = {"smd": _load_smd, "asd": _load_asd, "nezha": _load_nezha, "nab": _load_nab}
     if dataset not in loaders:
         raise DatasetError(f"unknown data set {dataset!r}; choose one of {', '.join(DATASETS)}")
     known = list_units(root, dataset)
@@ -248,3 +253,61 @@ def _load_nezha(root: Path, name: str) -> Unit:
     note = (f"trained on {train_day} after its last fault, tested on the faults of {test_day}; "
             f"the gap between the days is removed from the time grid")
     return Unit("nezha", name, list(NEZHA_SIGNALS), frame, train_steps, labels, note)
+
+
+# ---- NAB -------------------------------------------------------------------------------------
+
+
+def _nab_files(root: Path) -> dict[str, Path]:
+    """Map each series' name (its file name without .csv) to its file, over every category folder."""
+    files: dict[str, Path] = {}
+    for path in sorted(_existing(root / "nab" / "data").glob("*/*.csv*")):
+        name = path.name.split(".csv")[0]
+        if name in files:
+            raise DatasetError(f"nab: series {name!r} is in both {files[name].parent.name} and {path.parent.name}")
+        files[name] = path
+    return files
+
+
+def _read_nab_series(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    opener = lzma.open if path.suffix == ".xz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+        times = np.array([_utc_seconds(r[0]) for r in rows[1:]])
+        values = np.array([_number(r[1]) for r in rows[1:]])
+    except (OSError, ValueError, IndexError, lzma.LZMAError) as error:
+        raise DatasetError(f"{path}: expected 'timestamp,value' rows: {error}") from None
+    if times.size < 2:
+        raise DatasetError(f"{path}: needs at least 2 rows, found {times.size}")
+    return times, values
+
+
+def _nab_windows(root: Path) -> dict[str, list]:
+    path = root / "nab" / "labels" / "combined_windows.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"{path}: cannot read the anomaly windows: {error}") from None
+
+
+def _load_nab(root: Path, name: str) -> Unit:
+    path = _nab_files(root)[name]
+    times, values = _read_nab_series(path)
+    # A few series skip or repeat a timestamp; the most common interval is the step.
+    step = float(np.median(np.diff(np.sort(times))))
+    start = float(times.min())
+    length = int(round((times.max() - start) / step)) + 1
+    grid = np.full(length, np.nan)
+    _place(times, values, start, step, length, grid)
+
+    marked = np.zeros(length, dtype=np.int8)
+    for first, last in _nab_windows(root).get(f"{path.parent.name}/{name}.csv", []):
+        low = int(np.ceil((_utc_seconds(first) - start) / step))
+        high = int(np.floor((_utc_seconds(last) - start) / step))
+        marked[max(low, 0):max(high + 1, 0)] = 1
+
+    test_start = int(length * NAB_PROBATION)
+    frame = Frame(start, step, [(name,)], grid[None, :, None])
+    note = f"{path.parent.name}; trained on the first {NAB_PROBATION:.0%} of the series, NAB's probationary period"
+    return Unit("nab", name, ["value"], frame, test_start, marked[None, test_start:], note)

@@ -184,7 +184,10 @@ class PcaError(PointModel):
     name = "pca_error"
 
     def _fit_points(self, points, scaled, split, rng) -> None:
-        self.pca = PCA(n_components=PCA_VARIANCE, svd_solver="full").fit(points)
+        # sklearn divides by the total variance, which is 0 for a series that never moves
+        # (NAB's art_flatline), and warns on every refit. The fit itself is still usable.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.pca = PCA(n_components=PCA_VARIANCE, svd_solver="full").fit(points)
 
     def _residuals(self, points):
         return points - self.pca.inverse_transform(self.pca.transform(points))

@@ -18,7 +18,7 @@ from monitor import __version__
 from monitor.config import DetectorConfig
 from monitor.evaluation import report
 from monitor.evaluation.datasets import Unit, list_units, load_unit
-from monitor.evaluation.methods import is_seeded
+from monitor.evaluation.methods import FitError, is_seeded
 from monitor.evaluation.metrics import evaluate_scores
 from monitor.evaluation.protocols import Track, run_deployed, run_static
 
@@ -131,14 +131,21 @@ def _run(plan: Plan) -> int:
     (plan.out / "pictures").mkdir(exist_ok=True)
     detectors: dict[str, dict] = {}
     records: list[dict] = []
+    skipped: dict[str, str] = {}
     began = time.monotonic()
     for dataset in plan.datasets:
         names = selected_units(plan, dataset)
         logger.info("%s: %d units: %s", dataset, len(names), ", ".join(names))
-        for unit_records, detector in _unit_results(plan, dataset, names):
+        for unit_records, detector, reason in _unit_results(plan, dataset, names):
             detectors[dataset] = detector
             records += unit_records
-            _write(plan, records, detectors)
+            skipped.update(reason)
+            _write(plan, records, detectors, skipped)
+    if not records:
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
+        raise FitError(f"no unit could be evaluated: {reasons}")
+    if skipped:
+        logger.warning("%d units skipped, listed under 'skipped' in config.json: %s", len(skipped), ", ".join(skipped))
     logger.info("evaluation finished in %.0fs; results in %s", time.monotonic() - began, plan.out)
     return 0
 
@@ -158,7 +165,8 @@ def _unit_results(plan: Plan, dataset: str, names: list[str]):
             yield future.result()
 
 
-def _evaluate_unit(plan: Plan, dataset: str, name: str, index: int, total: int) -> tuple[list[dict], dict]:
+def _evaluate_unit(plan: Plan, dataset: str, name: str, index: int, total: int) -> tuple[list[dict], dict, dict]:
+    """Return the unit's records, its detector settings, and {unit: reason} when it was skipped."""
     if plan.torch_threads:
         import torch
 
@@ -168,7 +176,13 @@ def _evaluate_unit(plan: Plan, dataset: str, name: str, index: int, total: int) 
     logger.info("%s %d/%d %s: %d entities, %d training and %d test steps, %.2f%% labelled%s",
                 dataset, index, total, name, len(unit.frame.entities), unit.test_start,
                 unit.test_steps, 100 * unit.labels.mean(), f"; {unit.note}" if unit.note else "")
-    return _run_unit(plan, unit, detector), detector.model_dump(mode="json")
+    settings = detector.model_dump(mode="json")
+    # One series too short or too gappy to fit on must not end a run over dozens of others.
+    try:
+        return _run_unit(plan, unit, detector), settings, {}
+    except FitError as error:
+        logger.warning("%s %s: skipped, a method could not be fitted: %s", dataset, name, error)
+        return [], settings, {f"{dataset}/{name}": str(error)}
 
 
 def _run_unit(plan: Plan, unit: Unit, detector: DetectorConfig) -> list[dict]:
@@ -201,7 +215,7 @@ def _picture(plan: Plan, unit: Unit, protocol: str, track: Track) -> None:
     report.plot_unit(path, title, entities, track.scores, track.thresholds, unit.labels, unit.step)
 
 
-def _write(plan: Plan, records: list[dict], detectors: dict) -> None:
+def _write(plan: Plan, records: list[dict], detectors: dict, skipped: dict[str, str]) -> None:
     """Rewrite every table after each unit, so an interrupted run still leaves results."""
     summary = report.summarise(records)
     target = next(iter(detectors.values()))["threshold"]["false_alarm_rate"] if detectors else 0.001
@@ -209,10 +223,12 @@ def _write(plan: Plan, records: list[dict], detectors: dict) -> None:
     report.write_records(plan.out / "per_unit.csv", records)
     (plan.out / "per_unit.md").write_text(report.records_markdown(records), encoding="utf-8")
     report.write_csv(plan.out / "summary.csv", summary)
-    (plan.out / "summary.md").write_text(report.summary_markdown(summary), encoding="utf-8")
+    skipped_lines = "".join(f"\nSkipped {name}: {reason}\n" for name, reason in skipped.items())
+    (plan.out / "summary.md").write_text(report.summary_markdown(summary) + skipped_lines, encoding="utf-8")
     report.write_csv(plan.out / "thresholds.csv", thresholds)
     (plan.out / "thresholds.md").write_text(report.thresholds_markdown(thresholds), encoding="utf-8")
-    (plan.out / "config.json").write_text(json.dumps(_run_description(plan, detectors), indent=2), encoding="utf-8")
+    description = {**_run_description(plan, detectors), "skipped": skipped}
+    (plan.out / "config.json").write_text(json.dumps(description, indent=2), encoding="utf-8")
 
 
 def _run_description(plan: Plan, detectors: dict) -> dict:

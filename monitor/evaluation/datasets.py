@@ -294,7 +294,7 @@ def _nab_windows(root: Path) -> dict[str, list]:
 def _load_nab(root: Path, name: str) -> Unit:
     path = _nab_files(root)[name]
     times, values = _read_nab_series(path)
-    # A few series skip or repeat a timestamp; the most common interval is the step.
+    # A few series skip or repeat a timestamp, so the step is the median interval between rows.
     step = float(np.median(np.diff(np.sort(times))))
     start = float(times.min())
     length = int(round((times.max() - start) / step)) + 1

@@ -91,14 +91,14 @@ class LocalStack:
         self.processes[name] = process
         return process
 
-    def start_node_exporter(self, name: str = "node-exporter") -> str:
+    def start_node_exporter(self, name: str = "node-exporter", extra_args: tuple[str, ...] = ()) -> str:
         port = free_port()
         self.ports[name] = port
         process = self._spawn(name, [
             find_binary("node-exporter"), f"--web.listen-address=127.0.0.1:{port}",
             "--no-collector.systemd", "--collector.disable-defaults",
             "--collector.cpu", "--collector.meminfo", "--collector.netdev", "--collector.loadavg",
-            "--collector.diskstats", "--collector.filesystem", "--collector.stat"])
+            "--collector.diskstats", "--collector.filesystem", "--collector.stat", *extra_args])
         wait_ready(f"{self.url(name)}/metrics", process=process.popen)
         return f"127.0.0.1:{port}"
 

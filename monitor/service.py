@@ -92,7 +92,7 @@ class Service:
         return run
 
     def stop(self) -> None:
-        logger.info("stopping: waiting for running jobs; a training run in progress is abandoned")
+        logger.info("stopping: waiting for the scoring and training jobs to finish")
         self.stop_event.set()
         self.scheduler.shutdown(wait=True)
         for runtime in self.detectors:

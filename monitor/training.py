@@ -90,18 +90,33 @@ def gather(frame: Frame, windows: WindowSet, window: int) -> np.ndarray:
 def split_by_time(frame: Frame, windows: WindowSet, detector: DetectorConfig) -> tuple[WindowSet, WindowSet, WindowSet]:
     """Split into training, validation and held-out windows by time.
 
-    A window belongs to a split only if all its steps do, so no step is seen by two splits.
+    The fractions apply from the first step with any value to the end of the range. Applied to
+    the whole range, they left the training part empty while the history was shorter than the
+    training part's share of `train.range` (half, by default), as on a new Prometheus. A
+    window belongs to a split only if all its steps do, so no step is seen by two splits.
     """
-    steps = frame.values.shape[1]
+    first = first_observed_step(frame)
+    span = frame.values.shape[1] - first
     window = detector.window
-    holdout_start = int(steps * (1 - detector.train.holdout_fraction))
-    validation_start = int(holdout_start - steps * detector.train.validation_fraction)
+    holdout_start = first + int(span * (1 - detector.train.holdout_fraction))
+    validation_start = int(holdout_start - span * detector.train.validation_fraction)
     ends = windows.starts + window - 1
 
     training = ends < validation_start
     validation = (windows.starts >= validation_start) & (ends < holdout_start)
     holdout = windows.starts >= holdout_start
     return tuple(WindowSet(windows.rows[m], windows.starts[m]) for m in (training, validation, holdout))
+
+
+def first_observed_step(frame: Frame) -> int:
+    """Return the index of the first step at which any entity has any value, or 0 if none has."""
+    if frame.values.shape[0] == 0:
+        return 0
+
+    observed = ~np.all(np.isnan(frame.values), axis=(0, 2))
+    if not observed.any():
+        return 0
+    return int(np.argmax(observed))
 
 
 def subsample(windows: WindowSet, budget: int, rng: np.random.Generator) -> WindowSet:

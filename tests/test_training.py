@@ -173,6 +173,30 @@ def test_split_by_time_is_disjoint():
     assert validation_last < holdout.starts.min()
 
 
+def test_split_of_short_history_keeps_proportions():
+    detector = detector_config()
+    values = normal_values()
+    # A range of 480 steps whose first 300 precede the history, as on a new Prometheus.
+    values[:, :300, :] = np.nan
+    frame = synthetic_frame(values)
+    windows, _ = candidate_windows(frame, detector)
+    training, validation, holdout = split_by_time(frame, windows, detector)
+    observed = 480 - 300
+    holdout_fraction = detector.train.holdout_fraction
+
+    assert training.rows.size > 0
+    assert validation.rows.size > 0
+    assert holdout.starts.min() == 300 + int(observed * (1 - holdout_fraction))
+
+
+def test_short_history_trains_first_model():
+    values = normal_values()
+    values[:, :300, :] = np.nan
+    outcome = Trainer(detector_config()).train(synthetic_frame(values), None)
+
+    assert outcome.accepted is True
+
+
 def test_scalers_fitted_on_held_out_part():
     values = normal_values()
     held_out_start = int(values.shape[1] * (1 - detector_config().train.holdout_fraction))

@@ -33,7 +33,7 @@ DEMO_SIGNALS = {
     "memory_growth": "-deriv(node_memory_MemAvailable_bytes[5s])",
     # Loopback sends what it receives, so a second signal for transmitted bytes would copy
     # this one. A copy leaves the error covariance a direction with almost no variance, and
-    # any later difference in how the two are reconstructed scores in the thousands.
+    # any later difference in how the two are reconstructed then dominates the score.
     "loopback_traffic": 'sum by (instance) (rate(node_network_receive_bytes_total{device="lo"}[3s]))',
     "context_switches": "sum by (instance) (rate(node_context_switches_total[3s]))",
 }
@@ -46,6 +46,8 @@ NODE_EXPORTER_ARGS = ("--collector.netdev.device-exclude=^$",)
 # The maximum time a burst stays in the score: 5 s of the widest signal query, a window of
 # 10 steps, 5 aggregated steps and 2 s of lag, at 1 s a step, plus a few seconds of margin.
 TRAINING_ECHO_SECONDS = 25
+# How often the demo reads the score from Prometheus, while it learns and afterwards.
+READ_INTERVAL_SECONDS = 2
 # A model of three minutes has seen little of a machine's variation, so the first baseline
 # readings can sit above the threshold.
 BASELINE_SECONDS = 90
@@ -168,7 +170,7 @@ def _watch(prometheus: str, instance: str, phase: str, seconds: float, until=Non
         seen = seen or bool(above)
         if until is not None and reading is not None and until(*reading):
             return True
-        time.sleep(2)
+        time.sleep(READ_INTERVAL_SECONDS)
     # With a condition, running out of time means it was never met.
     return seen if until is None else False
 
@@ -178,11 +180,11 @@ def _below(score: float, threshold: float) -> bool:
 
 
 def _poll_quietly(prometheus: str, instance: str, seconds: float) -> None:
-    """Read the score for `seconds` at the pace of `_watch`, without printing."""
+    """Read the score for `seconds` as `_watch` does, without printing."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         read_margin(prometheus, instance)
-        time.sleep(2)
+        time.sleep(READ_INTERVAL_SECONDS)
 
 
 # ---- the demo ------------------------------------------------------------------
@@ -273,9 +275,9 @@ def _yes(passed: bool) -> str:
 
 def _learn(args, service, prometheus: str, node: str) -> float | None:
     """Learn in two phases and return the threshold of the model that then serves, or None."""
-    # From the baseline on, the demo reads the score from Prometheus every two seconds.
-    # The loopback signal measures that traffic too, so the demo reads at the same pace while
-    # the service learns, and the model takes the reads as normal.
+    # From the baseline on, the demo reads the score from Prometheus every few seconds. The
+    # loopback signal measures that traffic too, so the demo reads at the same pace while the
+    # service learns, and the model takes the reads as normal.
     print(f"\nLearning normal behaviour for {args.learn:.0f}s ...")
     _poll_quietly(prometheus, node, args.learn)
     if _train(service, reset_first=False) is None:

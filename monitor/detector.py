@@ -269,10 +269,7 @@ class DetectorRuntime:
 
     def _uncovered(self, frame: Frame) -> list[tuple[float, float]]:
         """Runs of at least one window of steps in which no entity has any value."""
-        if frame.values.shape[0]:
-            covered = ~np.all(np.isnan(frame.values), axis=(0, 2))
-        else:
-            covered = np.zeros(frame.values.shape[1], dtype=bool)
+        covered = frame.covered_steps()
         runs, begin = [], None
         for index, is_covered in enumerate(np.append(covered, True)):
             if not is_covered and begin is None:

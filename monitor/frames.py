@@ -37,6 +37,12 @@ class Frame:
     def end(self) -> float:
         return self.start + self.step * (self.values.shape[1] - 1)
 
+    def covered_steps(self) -> np.ndarray:
+        """Return a mask [time] of the steps at which any entity has any value."""
+        if self.values.shape[0] == 0:
+            return np.zeros(self.values.shape[1], dtype=bool)
+        return ~np.all(np.isnan(self.values), axis=(0, 2))
+
     def entity_index(self) -> dict[EntityKey, int]:
         return {key: i for i, key in enumerate(self.entities)}
 

@@ -92,7 +92,7 @@ class Service:
         return run
 
     def stop(self) -> None:
-        logger.info("stopping: waiting for the scoring and training jobs to finish")
+        logger.info("stopping: waiting for running scoring and training jobs")
         self.stop_event.set()
         self.scheduler.shutdown(wait=True)
         for runtime in self.detectors:

@@ -110,13 +110,10 @@ def split_by_time(frame: Frame, windows: WindowSet, detector: DetectorConfig) ->
 
 def first_observed_step(frame: Frame) -> int:
     """Return the index of the first step at which any entity has any value, or 0 if none has."""
-    if frame.values.shape[0] == 0:
+    covered = frame.covered_steps()
+    if not covered.any():
         return 0
-
-    observed = ~np.all(np.isnan(frame.values), axis=(0, 2))
-    if not observed.any():
-        return 0
-    return int(np.argmax(observed))
+    return int(np.argmax(covered))
 
 
 def subsample(windows: WindowSet, budget: int, rng: np.random.Generator) -> WindowSet:
